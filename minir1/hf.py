@@ -1,0 +1,384 @@
+"""Hugging Face checkpoint layout: config.json, parameter names, safetensors read/write.
+
+A checkpoint directory written here loads in `transformers.DeepseekV3ForCausalLM` and vice versa.
+The in-memory model fuses some weights for speed (gate+up projections, stacked routed experts); this
+file is the one place that maps them to and from the names DeepSeek's releases use:
+
+  ours                                   Hugging Face / DeepSeek
+  embed_tokens.weight                    model.embed_tokens.weight
+  layers.{i}.X                           model.layers.{i}.X
+  ....gate_up_proj.weight                ....gate_proj.weight + ....up_proj.weight
+  layers.{i}.mlp.experts.gate_up_proj    model.layers.{i}.mlp.experts.{j}.{gate,up}_proj.weight
+  layers.{i}.mlp.experts.down_proj       model.layers.{i}.mlp.experts.{j}.down_proj.weight
+  mtp.{k}.block.X                        model.layers.{L+k}.X          (L = num_hidden_layers)
+  mtp.{k}.{enorm,hnorm,eh_proj}          model.layers.{L+k}.{enorm,hnorm,eh_proj}
+  mtp.{k}.norm                           model.layers.{L+k}.shared_head.norm
+  (shared with the main model)           model.layers.{L+k}.embed_tokens / shared_head.head
+
+Only safetensors are read or written: loading an untrusted checkpoint executes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import logging
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from minir1.model import ConfigError, ModelConfig, Transformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, malformed, or does not match its config; the message names it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# config.json
+# --------------------------------------------------------------------------------------------------
+
+# Fields a config.json must state: HF's defaults for them are the 671B shapes, never what a user meant.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                   "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+                   "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok")
+# Defaults of transformers' DeepseekV3Config, so an optional field absent from a file means what it
+# means to transformers.
+HF_DEFAULTS: dict[str, Any] = dict(q_lora_rank=1536, n_shared_experts=1, first_k_dense_replace=3, n_group=8,
+                                   topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                   rope_theta=10000.0, rope_scaling=None, max_position_embeddings=4096,
+                                   rms_norm_eps=1e-6, tie_word_embeddings=False, num_nextn_predict_layers=0,
+                                   initializer_range=0.02, aux_loss_alpha=0.0, bos_token_id=0, eos_token_id=1,
+                                   pad_token_id=None)
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    d = config.to_dict()
+    d.pop("model_type")
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        **d,
+        "num_key_value_heads": config.num_attention_heads,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "rope_interleave": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _check_type(name: str, value: Any, hint: str, source: str) -> None:
+    ok = True
+    if value is None:
+        ok = "None" in hint
+    elif "bool" in hint:
+        ok = isinstance(value, bool)
+    elif "int" in hint and "float" not in hint:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif "float" in hint:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif "dict" in hint:
+        ok = isinstance(value, dict)
+    elif "str" in hint:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{source}: field '{name}' has the wrong type: expected {hint}, got {value!r}")
+
+
+def config_from_hf(d: dict[str, Any], source: str = CONFIG_FILE) -> ModelConfig:
+    """Read a Hugging Face / DeepSeek config dict; errors name `source` and the field."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    model_type = d.get("model_type")
+    if model_type != "deepseek_v3":
+        raise ConfigError(f"{source}: field 'model_type' is {model_type!r}; minir1 reads 'deepseek_v3' checkpoints")
+    missing = [f for f in REQUIRED_FIELDS if f not in d]
+    if missing:
+        raise ConfigError(f"{source}: missing field(s) {', '.join(repr(m) for m in missing)}")
+    d = dict(d)
+    # transformers >= 5 writes `rope_parameters` (theta + scaling) instead of rope_theta/rope_scaling.
+    rp = d.pop("rope_parameters", None)
+    if isinstance(rp, dict):
+        d.setdefault("rope_theta", rp.get("rope_theta", HF_DEFAULTS["rope_theta"]))
+        kind = rp.get("rope_type", rp.get("type", "default"))
+        if kind != "default" and d.get("rope_scaling") is None:
+            d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    if isinstance(d.get("rope_scaling"), dict):
+        rs = {k: v for k, v in d["rope_scaling"].items() if k in (*_YARN_KEYS, "type", "rope_type")}
+        rs["type"] = rs.pop("rope_type", rs.get("type", "yarn"))
+        d["rope_scaling"] = rs
+    if isinstance(d.get("eos_token_id"), list):  # several EOS ids: the first is the model's own
+        d["eos_token_id"] = d["eos_token_id"][0] if d["eos_token_id"] else None
+    hints = {k: str(v) for k, v in get_type_hints(ModelConfig).items()}
+    kwargs: dict[str, Any] = {}
+    for f in fields(ModelConfig):
+        if f.name == "model_type":
+            continue
+        value = d.get(f.name, HF_DEFAULTS.get(f.name))
+        _check_type(f.name, value, hints[f.name], source)
+        kwargs[f.name] = value
+    try:
+        config = ModelConfig.__new__(ModelConfig)
+        config.__dict__.update(kwargs, model_type="deepseek_v3")
+        config.validate(source)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # pragma: no cover - validate() checks types first
+        raise ConfigError(f"{source}: {e}") from e
+    return config
+
+
+_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
+def read_config(path: Path) -> ModelConfig:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (a checkpoint directory needs a {CONFIG_FILE})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from e
+    return config_from_hf(data, source=str(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter names
+# --------------------------------------------------------------------------------------------------
+
+_MTP = re.compile(r"^mtp\.(\d+)\.(.*)$")
+
+
+def _hf_prefix(key: str, n_layers: int) -> str:
+    """Our name -> its HF name, before gate/up and expert splitting."""
+    m = _MTP.match(key)
+    if m:
+        layer, rest = n_layers + int(m.group(1)), m.group(2)
+        if rest.startswith("block."):
+            rest = rest.removeprefix("block.")
+        elif rest.startswith("norm."):
+            rest = "shared_head." + rest
+        return f"model.layers.{layer}.{rest}"
+    return key if key == "lm_head.weight" else "model." + key
+
+
+def to_hf(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """Our state dict -> HF-named tensors (views where possible)."""
+    out: dict[str, Tensor] = {}
+    L = config.num_hidden_layers
+    for key, t in state.items():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        name = _hf_prefix(key, L)
+        if name.endswith("experts.gate_up_proj"):
+            base = name.removesuffix("gate_up_proj")
+            for j, (g, u) in enumerate(zip(*t.chunk(2, dim=1))):
+                out[f"{base}{j}.gate_proj.weight"], out[f"{base}{j}.up_proj.weight"] = g, u
+        elif name.endswith("experts.down_proj"):
+            base = name.removesuffix("down_proj")
+            for j, w in enumerate(t.unbind(0)):
+                out[f"{base}{j}.down_proj.weight"] = w
+        elif name.endswith("gate_up_proj.weight"):
+            base = name.removesuffix("gate_up_proj.weight")
+            out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = t.chunk(2, dim=0)
+        else:
+            out[name] = t
+    for k in range(config.num_nextn_predict_layers):  # DeepSeek's MTP layers carry copies of both
+        out[f"model.layers.{L + k}.embed_tokens.weight"] = state["embed_tokens.weight"]
+        out[f"model.layers.{L + k}.shared_head.head.weight"] = state["lm_head.weight"]
+    return out
+
+
+def _optional_hf_names(config: ModelConfig) -> set[str]:
+    """Names a checkpoint may hold or omit: MTP copies of shared weights, a tied head."""
+    L = config.num_hidden_layers
+    names = {f"model.layers.{L + k}.{n}" for k in range(config.num_nextn_predict_layers)
+             for n in ("embed_tokens.weight", "shared_head.head.weight")}
+    if config.tie_word_embeddings:
+        names.add("lm_head.weight")
+    return names
+
+
+def from_hf(tensors: dict[str, Tensor], model: Transformer) -> dict[str, Tensor]:
+    """HF-named tensors -> our state dict (for `model`'s parameter names)."""
+    L = model.config.num_hidden_layers
+    out: dict[str, Tensor] = {}
+    for key, ref in model.state_dict().items():
+        if key == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        name = _hf_prefix(key, L)
+        if name.endswith("experts.gate_up_proj"):
+            base = name.removesuffix("gate_up_proj")
+            out[key] = torch.stack([torch.cat((tensors[f"{base}{j}.gate_proj.weight"],
+                                               tensors[f"{base}{j}.up_proj.weight"])) for j in range(ref.shape[0])])
+        elif name.endswith("experts.down_proj"):
+            base = name.removesuffix("down_proj")
+            out[key] = torch.stack([tensors[f"{base}{j}.down_proj.weight"] for j in range(ref.shape[0])])
+        elif name.endswith("gate_up_proj.weight"):
+            base = name.removesuffix("gate_up_proj.weight")
+            out[key] = torch.cat((tensors[base + "gate_proj.weight"], tensors[base + "up_proj.weight"]))
+        else:
+            out[key] = tensors[name]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------------------
+
+
+def _shards(tensors: dict[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    return shards
+
+
+def save_pretrained(model: Transformer, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json and model.safetensors (or shards + index) in Hugging Face's layout."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    dtype = model.embed_tokens.weight.dtype
+    tensors = to_hf(state, model.config)
+    # safetensors refuses tensors that share memory (fused weights, tied heads): copy all but the first.
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        t = t.to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        tensors[name] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    shards = _shards(tensors, max_shard_bytes)
+    for stale in [path / WEIGHTS_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], path / WEIGHTS_FILE, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, path / fname, metadata={"format": "pt"})
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (path / CONFIG_FILE).write_text(json.dumps(config_to_hf(model.config, dtype), indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------------
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file that holds it."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        files = {name: path / fname for name, fname in weight_map.items()}
+        for f in set(files.values()):
+            if not f.is_file():
+                raise CheckpointError(f"{index}: names shard {f.name}, which does not exist")
+        return files
+    single = path / WEIGHTS_FILE
+    if not single.is_file():
+        found = sorted(p.name for p in path.iterdir())
+        hint = " (pickled .bin/.pt weights are never loaded: convert them to safetensors)" if any(
+            n.endswith((".bin", ".pt", ".pth")) for n in found) else ""
+        raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE}{hint}")
+    try:
+        with safe_open(single, "pt") as f:
+            return {name: single for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{single}: cannot read safetensors header ({e})") from e
+
+
+def _iter_shapes(files: dict[str, Path]) -> Iterator[tuple[str, list[int], Path]]:
+    by_file: dict[Path, list[str]] = {}
+    for name, f in files.items():
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        try:
+            with safe_open(f, "pt") as h:
+                present = set(h.keys())
+                for name in names:
+                    if name not in present:
+                        raise CheckpointError(f"{f}: index says it holds tensor '{name}', but it does not")
+                    yield name, list(h.get_slice(name).get_shape()), f
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from e
+
+
+def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> Transformer:
+    """Build a Transformer from a Hugging Face-layout directory, checking every tensor against the config."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    config = read_config(path / CONFIG_FILE)
+    files = weight_files(path)
+    L = config.num_hidden_layers
+    if config.num_nextn_predict_layers and not any(n.startswith(f"model.layers.{L}.") for n in files):
+        # transformers writes num_nextn_predict_layers but never MTP weights: load without MTP.
+        log.info("%s: config.json names %d MTP module(s) but the weights hold none; loading without MTP",
+                 path, config.num_nextn_predict_layers)
+        config = config.replace(num_nextn_predict_layers=0)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k: list(v.shape) for k, v in to_hf(model.state_dict(), config).items()}
+    optional = _optional_hf_names(config)
+    shapes = {}
+    for name, shape, f in _iter_shapes(files):
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{f}: unexpected tensor '{name}' (not part of a DeepseekV3 model with this "
+                                  f"{CONFIG_FILE})")
+        if shape != expected[name]:
+            raise CheckpointError(f"{f}: tensor '{name}' has shape {shape}, but {CONFIG_FILE} implies "
+                                  f"{expected[name]}")
+        shapes[name] = f
+    missing = [n for n in expected if n not in shapes and n not in optional]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        first = sorted({files.get(n, next(iter(files.values()))) for n in shapes} or {path})[0]
+        raise CheckpointError(f"{first}: missing tensor(s) {', '.join(repr(m) for m in missing[:5])}{more}")
+    tensors: dict[str, Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, f in shapes.items():
+        if name not in optional:
+            by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        with safe_open(f, "pt") as h:
+            for name in names:
+                tensors[name] = h.get_tensor(name)
+    state = from_hf(tensors, model)
+    model = model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state)
+    model.reset_buffers()
+    if dtype is not None:
+        model = model.to(dtype)
+    return model

@@ -1,0 +1,217 @@
+"""Tokenizer: byte-level BPE (trained with the `tokenizers` library), DeepSeek-R1's special tokens and
+chat template, and Hugging Face's on-disk layout (tokenizer.json + tokenizer_config.json).
+
+A directory written by `save_pretrained` loads in `transformers.AutoTokenizer` with identical ids, and
+`from_pretrained` reads tokenizer directories that `transformers` wrote (chat template in
+tokenizer_config.json or chat_template.jinja).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as BackendTokenizer
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+# Text markers of R1's output format: single ids, but not "special", so decoding with
+# skip_special_tokens=True keeps them (as DeepSeek-R1's tokenizer does with <think>).
+THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT)
+MARKER_TOKENS = (THINK, END_THINK, ANSWER, END_ANSWER)
+
+# DeepSeek-R1's chat template, without tool calls: system prompt after BOS, earlier assistant turns
+# shown without their thinking, and a generation prompt that opens the thinking with "<think>\n".
+CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(system_prompt='') %}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{% endif %}{% endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
+    "{% elif message['role'] != 'system' %}"
+    "{{ raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing or malformed; the message names it."""
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _token_content(value: Any) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """Byte-level BPE with DeepSeek-R1's special tokens and chat template."""
+
+    def __init__(self, backend: BackendTokenizer, *, chat_template: str | None = CHAT_TEMPLATE,
+                 bos_token: str | None = BOS, eos_token: str | None = EOS, pad_token: str | None = PAD,
+                 model_max_length: int | None = None) -> None:
+        self.backend = backend
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.model_max_length = model_max_length
+        self._template = None
+
+    # -- training --------------------------------------------------------------------------------------
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 1024, *, min_frequency: int = 2,
+              show_progress: bool = True, length: int | None = None) -> Tokenizer:
+        """Train a byte-level BPE on an iterator of texts. `vocab_size` counts every token, special
+        ones included. Digits are split one per token, which small models need for arithmetic."""
+        n_fixed = len(SPECIAL_TOKENS) + len(MARKER_TOKENS) + 256
+        if vocab_size < n_fixed:
+            raise ValueError(f"vocab_size ({vocab_size}) must be >= {n_fixed}: 256 bytes plus "
+                             f"{n_fixed - 256} special tokens")
+        backend = BackendTokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size - len(MARKER_TOKENS), min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress)
+        backend.train_from_iterator(texts, trainer=trainer, length=length)
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKER_TOKENS])
+        return cls(backend)
+
+    # -- ids -----------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._id(self.pad_token)
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """Text -> ids. Special tokens written in the text become their single ids."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # -- chat ------------------------------------------------------------------------------------------
+    def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True,
+                    **kwargs: Any) -> str:
+        """Render a conversation with the chat template, exactly as `transformers` does."""
+        if self.chat_template is None:
+            raise TokenizerError("this tokenizer has no chat template")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content', got {m!r}")
+        if self._template is None:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+            env.globals["raise_exception"] = _raise
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                     pad_token=self.pad_token or "", **kwargs)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True,
+                            tokenize: bool = True, **kwargs: Any) -> list[int] | str:
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.encode(text) if tokenize else text
+
+    # -- files -----------------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(path / TOKENIZER_FILE))
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+            "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+            "chat_template": self.chat_template,
+        }
+        if self.model_max_length is not None:
+            config["model_max_length"] = self.model_max_length
+        (path / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+        tok_file = path / TOKENIZER_FILE
+        if not tok_file.is_file():
+            raise FileNotFoundError(f"{tok_file}: no such file (minir1 reads fast tokenizers: tokenizer.json)")
+        try:
+            backend = BackendTokenizer.from_file(str(tok_file))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise TokenizerError(f"{tok_file}: cannot parse ({e})") from e
+        config: dict[str, Any] = {}
+        cfg_file = path / TOKENIZER_CONFIG_FILE
+        if cfg_file.is_file():
+            try:
+                config = json.loads(cfg_file.read_text())
+            except json.JSONDecodeError as e:
+                raise TokenizerError(f"{cfg_file}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from e
+            if not isinstance(config, dict):
+                raise TokenizerError(f"{cfg_file}: expected a JSON object")
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        if (path / CHAT_TEMPLATE_FILE).is_file():
+            template = (path / CHAT_TEMPLATE_FILE).read_text()
+        vocab = backend.get_vocab(with_added_tokens=True)
+
+        def special(key: str, default: str) -> str | None:
+            if key in config:
+                return _token_content(config[key])
+            return default if default in vocab else None
+
+        max_len = config.get("model_max_length")
+        return cls(backend, chat_template=template if isinstance(template, str) else None,
+                   bos_token=special("bos_token", BOS), eos_token=special("eos_token", EOS),
+                   pad_token=special("pad_token", PAD),
+                   model_max_length=max_len if isinstance(max_len, int) and max_len < 10**9 else None)
