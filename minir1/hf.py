@@ -21,8 +21,8 @@ Only safetensors are read or written: loading an untrusted checkpoint executes n
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path

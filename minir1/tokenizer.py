@@ -85,7 +85,8 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 1024, *, min_frequency: int = 2,
               show_progress: bool = True, length: int | None = None) -> Tokenizer:
-        """Train a byte-level BPE on an iterator of texts. `vocab_size` counts every token, special
+        """Train a byte-level BPE on an iterator of texts. `vocab_size` (an upper bound: a small corpus
+        may run out of merges) counts every token, special
         ones included. Digits are split one per token, which small models need for arithmetic."""
         n_fixed = len(SPECIAL_TOKENS) + len(MARKER_TOKENS) + 256
         if vocab_size < n_fixed:

@@ -1,0 +1,5 @@
+import sys
+
+from minir1.cli import main
+
+sys.exit(main())
