@@ -263,7 +263,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return _RMSNormFP32.apply(x, self.weight, self.eps)
+            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                return _RMSNormFP32.apply(x, self.weight, self.eps)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Statistics in fp32 whatever the activation dtype (as DeepSeek's reference does).
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -447,16 +449,30 @@ def grouped_linear(x_sorted: Tensor, weight_EOI: Tensor, counts_E: Tensor) -> Te
     """Row block e of `x_sorted` (counts_E[e] rows, blocks in expert order) times weight_EOI[e]^T.
 
     On the CPU, torch's grouped GEMM runs all experts in one call (forward and backward); elsewhere a
-    loop over experts, each a dense matmul on its contiguous block.
+    loop over experts, each a dense matmul on its contiguous block. Under torch.compile the same
+    computation is one opaque op, so the data-dependent block sizes never reach the graph.
     """
+    if torch.compiler.is_compiling():
+        return _grouped_linear_op(x_sorted, weight_EOI, counts_E)
     if _GROUPED_MM and x_sorted.device.type == "cpu" and x_sorted.dtype == torch.float32:
         offsets = counts_E.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x_sorted, weight_EOI.transpose(-2, -1), offs=offsets)
-    outs = [F.linear(chunk, weight_EOI[e]) for e, chunk in enumerate(x_sorted.split(counts_E.tolist()))]
-    return torch.cat(outs)
+    outs = [F.linear(chunk, weight_EOI[e]) for e, chunk in enumerate(x_sorted.split(counts_E.tolist())) if len(chunk)]
+    return torch.cat(outs) if outs else x_sorted.new_zeros(0, weight_EOI.shape[1])
 
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+@torch.library.custom_op("minir1::grouped_linear", mutates_args=())
+def _grouped_linear_op(x_sorted: Tensor, weight_EOI: Tensor, counts_E: Tensor) -> Tensor:
+    outs = [F.linear(chunk, weight_EOI[e]) for e, chunk in enumerate(x_sorted.split(counts_E.tolist())) if len(chunk)]
+    return torch.cat(outs) if outs else x_sorted.new_zeros(0, weight_EOI.shape[1])
+
+
+@_grouped_linear_op.register_fake
+def _(x_sorted: Tensor, weight_EOI: Tensor, counts_E: Tensor) -> Tensor:
+    return x_sorted.new_empty(x_sorted.shape[0], weight_EOI.shape[1])
 
 
 class MoE(nn.Module):
@@ -486,10 +502,12 @@ class MoE(nn.Module):
         x_ND = x_BTD.reshape(-1, D)
         weights_NK, ids_NK, scores_NE = self.gate(x_ND)
         flat_ids = ids_NK.flatten()
-        load = torch.bincount(flat_ids, minlength=self.n_experts)
+        load = torch.zeros(self.n_experts, dtype=torch.long, device=flat_ids.device)
+        load.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))  # a bincount of static shape
         with torch.no_grad():
             self.last_load.copy_(load)
-            self.load_since_update.add_(load)
+            if self.training:  # only training forwards steer the balancing (not rollouts or eval)
+                self.load_since_update.add_(load)
         order = flat_ids.argsort(stable=True)
         token_of = order // self.top_k  # which token each sorted (token, expert) pair belongs to
         x_sorted = x_ND.index_select(0, token_of)
@@ -627,8 +645,8 @@ class Transformer(nn.Module):
     # -- the forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: Any = None,
                 mtp: bool = False, return_dict: bool = False,
-                last_logits_only: bool = False) -> Tensor | ModelOutput:
-        """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with `last_logits_only`).
+                logits_at: Tensor | None = None) -> Tensor | ModelOutput:
+        """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] at index `logits_at` [B] of each row).
 
         `positions` [B, T] defaults to 0..T-1. `cache` (an engine cache) switches attention to the
         latent-cache decoding path. `mtp=True` also runs the MTP modules over the same hidden states.
@@ -644,8 +662,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, scale, cache)
         hidden = x
-        if last_logits_only:
-            x = x[:, -1:]
+        if logits_at is not None:  # e.g. each prompt's last token: skip the head everywhere else
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]
         logits = self.lm_head(self.norm(x))
         if not (mtp or return_dict):
             return logits

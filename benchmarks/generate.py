@@ -1,0 +1,109 @@
+"""Generation throughput: minir1's Engine against transformers' `generate`, same weights, same work.
+
+Both generate exactly `--new` tokens per row (no EOS) from the same `--prompt`-token random prompts
+with the same sampling settings (temperature 1, no top-k/top-p), cache on, in one process,
+interleaved, several repeats; the median tokens/s of each and the median ratio are reported. Also:
+KV-cache bytes per token, and speculative (MTP) against plain decoding on a model whose MTP head was
+trained, if `--mtp-ckpt DIR` is given.
+
+    python benchmarks/generate.py [--batches 1,16,64] [--repeats 5] [--mtp-ckpt DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_step import hf_config  # noqa: E402  (the foundation benchmark's 3.8M-parameter model)
+
+from minir1 import Transformer  # noqa: E402
+from minir1.engine import Engine, SamplingParams  # noqa: E402
+
+
+def run_ours(engine: Engine, prompts: torch.Tensor, new: int, seed: int, speculative: bool = False) -> float:
+    params = SamplingParams(max_new_tokens=new, temperature=1.0, stop_token_ids=[], seed=seed,
+                            speculative=speculative)
+    t = time.perf_counter()
+    outs = engine.generate(prompts.tolist(), params)
+    dt = time.perf_counter() - t
+    assert sum(len(o.token_ids) for o in outs) == prompts.shape[0] * new
+    return prompts.shape[0] * new / dt
+
+
+def run_theirs(model, prompts: torch.Tensor, new: int, seed: int) -> float:
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new, use_cache=True,
+                             pad_token_id=0, eos_token_id=None)
+    dt = time.perf_counter() - t
+    assert out.shape[1] == prompts.shape[1] + new
+    return prompts.shape[0] * new / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--mtp-ckpt", help="a checkpoint with a trained MTP head, for speculative decoding")
+    ap.add_argument("--json", help="write the results here too")
+    args = ap.parse_args()
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+
+    torch.manual_seed(0)
+    theirs = DeepseekV3ForCausalLM(hf_config()).eval()
+    with tempfile.TemporaryDirectory() as d:
+        theirs.save_pretrained(d)
+        ours = Transformer.from_pretrained(d).eval()
+    engine = Engine(ours)
+    cfg = ours.config
+    results: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__, "prompt": args.prompt,
+                     "new": args.new, "kv_cache_bytes_per_token_fp32": cfg.kv_cache_bytes_per_token(4),
+                     "batches": {}}
+    print(f"KV cache per token (fp32): {cfg.kv_cache_bytes_per_token(4)}")
+    for b in map(int, args.batches.split(",")):
+        prompts = torch.randint(0, cfg.vocab_size, (b, args.prompt))
+        run_ours(engine, prompts, 8, 0)
+        run_theirs(theirs, prompts, 8, 0)
+        mine, hf = [], []
+        for r in range(args.repeats):
+            mine.append(run_ours(engine, prompts, args.new, r))
+            hf.append(run_theirs(theirs, prompts, args.new, r))
+        ratio = statistics.median(a / h for a, h in zip(mine, hf))
+        results["batches"][b] = {"minir1_tokens_per_s": statistics.median(mine),
+                                 "transformers_tokens_per_s": statistics.median(hf), "speedup_median": ratio}
+        print(f"batch {b:3d}: minir1 {statistics.median(mine):8,.0f} tok/s   transformers "
+              f"{statistics.median(hf):8,.0f} tok/s   x{ratio:.2f}", flush=True)
+    if args.mtp_ckpt:
+        model = Transformer.from_pretrained(args.mtp_ckpt).eval()
+        eng = Engine(model)
+        prompts = torch.randint(0, model.config.vocab_size, (1, args.prompt))
+        plain, spec, acc = [], [], []
+        for r in range(args.repeats):
+            plain.append(run_ours(eng, prompts, args.new, r))
+            spec.append(run_ours(eng, prompts, args.new, r, speculative=True))
+            acc.append(eng.last_stats["acceptance_rate"])
+        results["speculative"] = {"plain_tokens_per_s": statistics.median(plain),
+                                  "speculative_tokens_per_s": statistics.median(spec),
+                                  "speedup_median": statistics.median(s / p for s, p in zip(spec, plain)),
+                                  "acceptance_rate": statistics.median(acc)}
+        print("speculative:", results["speculative"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
