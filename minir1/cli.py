@@ -151,6 +151,168 @@ def chat(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# training stages: every field of ModelConfig / TrainConfig is a flag
+# --------------------------------------------------------------------------------------------------
+
+def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, title: str, skip: Sequence[str] = (),
+                        defaults: dict | None = None) -> None:
+    """`--field-name` for each field of a config dataclass (None default = keep the dataclass's)."""
+    import dataclasses
+    from typing import get_type_hints
+    hints = get_type_hints(cls)
+    group = p.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name.startswith("_"):
+            continue
+        hint = str(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = (defaults or {}).get(f.name)
+        if "dict" in hint:
+            continue
+        if hint == "<class 'bool'>" or hint == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif "int" in hint and "float" not in hint:
+            group.add_argument(flag, type=lambda v: None if v.lower() == "none" else int(v), default=default,
+                               metavar="N")
+        elif "float" in hint:
+            group.add_argument(flag, type=float, default=default, metavar="X")
+        else:
+            group.add_argument(flag, default=default)
+
+
+def dataclass_overrides(args: argparse.Namespace, cls: type) -> dict:
+    import dataclasses
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if getattr(args, f.name, None) is not None}
+
+
+def _train_config(args: argparse.Namespace, **defaults):
+    from minir1.train import TrainConfig
+    cfg = TrainConfig(**{**defaults, **dataclass_overrides(args, TrainConfig)})
+    cfg.validate()
+    return cfg
+
+
+def _stage_args(p: argparse.ArgumentParser, model_flags: bool) -> None:
+    from minir1.model import ModelConfig
+    from minir1.train import TrainConfig
+    p.add_argument("--task", help="arithmetic[:digits=N,operands=N], countdown, or jsonl:PATH")
+    add_dataclass_flags(p, TrainConfig, "training")
+    if model_flags:
+        add_dataclass_flags(p, ModelConfig, "model (override the preset)", skip=("model_type",))
+
+
+def _pretrain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="model preset to start from (default: tiny)")
+    p.add_argument("--tokenizer", help="a tokenizer directory (default: train one on the task)")
+    p.add_argument("--mtp-weight", type=float, default=0.3, help="λ, the weight of the MTP loss")
+    _stage_args(p, model_flags=True)
+
+
+@command("pretrain", "pretrain a DeepSeek-V3 model (MLA, MoE, MTP) on a task's documents")(_pretrain_args)
+def pretrain(args: argparse.Namespace) -> int:
+    from minir1.model import ModelConfig, Transformer
+    from minir1.tasks import get_task
+    from minir1.tokenizer import Tokenizer
+    from minir1.train import train
+    from minir1.train.pretrain import PretrainStage, train_tokenizer
+    if not args.task:
+        raise ValueError("pretrain needs --task (arithmetic, countdown or jsonl:PATH)")
+    task = get_task(args.task)
+    cfg = _train_config(args, out="runs/pretrain")
+    overrides = {k: v for k, v in dataclass_overrides(args, ModelConfig).items() if k != "model_type"}
+    model_cfg = ModelConfig.from_preset(args.preset, **overrides)
+    if args.tokenizer:
+        tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    else:
+        from pathlib import Path
+        existing = Path(cfg.out) / "tokenizer.json"
+        tokenizer = (Tokenizer.from_pretrained(cfg.out) if cfg.resume and existing.is_file()
+                     else train_tokenizer(task, model_cfg.vocab_size, cfg.seed, show_progress=cfg.progress))
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(cfg.out)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but vocab_size is {model_cfg.vocab_size}")
+    model_cfg = model_cfg.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                                  pad_token_id=tokenizer.pad_id)
+    import torch
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg)
+    stage = PretrainStage(task, tokenizer, cfg.seq_len, cfg.micro_batch_size or cfg.batch_size, cfg.seed,
+                          args.mtp_weight)
+    result = train(model, tokenizer, stage, cfg)
+    print(f"pretrained {result.steps} steps; final loss {result.last_metrics.get('loss', float('nan')):.4f}; "
+          f"checkpoint in {result.out}")
+    return 0
+
+
+def _sft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", required=True, help="checkpoint to start from")
+    p.add_argument("--data", help="chat data: a .jsonl file of {\"messages\": [...]} lines")
+    _stage_args(p, model_flags=False)
+
+
+@command("sft", "supervised fine-tuning on chat data or a task's worked solutions (<think> format)")(_sft_args)
+def sft(args: argparse.Namespace) -> int:
+    from minir1.model import Transformer
+    from minir1.tasks import get_task
+    from minir1.tokenizer import Tokenizer
+    from minir1.train import train
+    from minir1.train.sft import SFTStage, load_chat_file
+    if bool(args.task) == bool(args.data):
+        raise ValueError("sft needs exactly one of --task NAME or --data FILE.jsonl")
+    cfg = _train_config(args, out="runs/sft", lr=1e-3, warmup_steps=10)
+    tokenizer = Tokenizer.from_pretrained(args.init)
+    model = Transformer.from_pretrained(args.init)
+    mb = cfg.micro_batch_size or cfg.batch_size
+    if args.task:
+        stage = SFTStage(tokenizer, cfg.seq_len, mb, task=get_task(args.task), seed=cfg.seed, data_source=args.task)
+    else:
+        stage = SFTStage(tokenizer, cfg.seq_len, mb, conversations=load_chat_file(args.data), seed=cfg.seed,
+                         data_source=str(args.data))
+    result = train(model, tokenizer, stage, cfg)
+    print(f"fine-tuned {result.steps} steps; final loss {result.last_metrics.get('loss', float('nan')):.4f}; "
+          f"checkpoint in {result.out}")
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _ckpt_args(p)
+    p.add_argument("--task", required=True)
+    p.add_argument("--n", type=int, default=100, help="held-out problems")
+    p.add_argument("--samples", type=int, default=1, help="K completions per problem (pass@K, maj@K)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None, help="default: 0 for one sample, 0.6 for several")
+    p.add_argument("--template", default="chat", choices=["chat", "r1-zero"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the results as JSON here (default: <ckpt>/eval_<task>.json)")
+
+
+@command("eval", "held-out pass@1, pass@k, maj@k and format rate on a task")(_eval_args)
+def evaluate_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from minir1.evaluate import EvalConfig, evaluate
+    from minir1.tasks import get_task
+    if args.n < 1 or args.samples < 1:
+        raise ValueError(f"--n ({args.n}) and --samples ({args.samples}) must be >= 1")
+    task = get_task(args.task)
+    model, tokenizer = load_for_inference(args.ckpt, args.device)
+    res = evaluate(model, tokenizer, task, EvalConfig(n=args.n, samples=args.samples, seed=args.seed,
+                                                       max_new_tokens=args.max_new_tokens,
+                                                       temperature=args.temperature, template=args.template))
+    k = args.samples
+    print(f"{res['task']}: {res['problems']} held-out problems x {k} sample(s): pass@1 {res['pass@1']:.3f}  "
+          f"pass@{k} {res[f'pass@{k}']:.3f}  maj@{k} {res[f'maj@{k}']:.3f}  format {res['format_rate']:.3f}  "
+          f"mean length {res['mean_completion_tokens']:.1f} tokens")
+    safe = "".join(ch if ch.isalnum() else "_" for ch in args.task.split(":")[0])
+    out = Path(args.out) if args.out else Path(args.ckpt) / f"eval_{safe}.json"
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"written to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minir1", description="DeepSeek-R1's whole system, end to end.")
@@ -166,14 +328,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from minir1.hf import CheckpointError
-    from minir1.model import ConfigError
-    from minir1.tokenizer import TokenizerError
+    from minir1.train.loop import TrainingError
     try:
         return COMMANDS[args.command][2](args)
-    except (FileNotFoundError, ValueError, ConfigError, CheckpointError, TokenizerError) as e:
+    except (FileNotFoundError, ValueError, TrainingError) as e:  # config, checkpoint, task, data errors
         print(f"minir1 {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"minir1 {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -377,7 +377,7 @@ class MLAttention(nn.Module):
         return self.kv_a_layernorm(latent), apply_rope(rope_key, cos, sin)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, scale: float, cache: Any = None,
-                layer_idx: int = 0) -> Tensor:
+                layer_idx: int = 0, mask: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q_BTHd = self.queries(x)
         q_nope, q_rope = q_BTHd.split([self.nope_dim, self.rope_dim], dim=-1)
@@ -395,7 +395,8 @@ class MLAttention(nn.Module):
         pad = self.nope_dim + self.rope_dim - self.v_dim
         if pad > 0:  # equal head dims let SDPA take its fused (flash) kernel instead of the math path
             v = F.pad(v, (0, pad))
-        out_BHTv = F.scaled_dot_product_attention(q, k.transpose(1, 2), v, is_causal=True, scale=scale)
+        out_BHTv = F.scaled_dot_product_attention(q, k.transpose(1, 2), v, attn_mask=mask, is_causal=mask is None,
+                                                  scale=scale)
         if pad > 0:
             out_BHTv = out_BHTv[..., :self.v_dim]
         return self.o_proj(out_BHTv.transpose(1, 2).reshape(B, T, -1))
@@ -546,8 +547,9 @@ class Block(nn.Module):
         self.mlp: nn.Module = (MoE(config) if config.is_moe_layer(layer_idx)
                                else MLP(config.hidden_size, config.intermediate_size))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, scale: float, cache: Any = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, scale, cache, self.layer_idx)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, scale: float, cache: Any = None,
+                mask: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, scale, cache, self.layer_idx, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -569,9 +571,9 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(D, config.rms_norm_eps)  # `shared_head.norm` in DeepSeek's checkpoints
 
     def forward(self, hidden: Tensor, next_embeds: Tensor, cos: Tensor, sin: Tensor, scale: float,
-                cache: Any = None) -> Tensor:
+                cache: Any = None, mask: Tensor | None = None) -> Tensor:
         h = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        return self.block(h, cos, sin, scale, cache)
+        return self.block(h, cos, sin, scale, cache, mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -644,12 +646,14 @@ class Transformer(nn.Module):
 
     # -- the forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: Any = None,
-                mtp: bool = False, return_dict: bool = False,
-                logits_at: Tensor | None = None) -> Tensor | ModelOutput:
+                mtp: bool = False, return_dict: bool = False, logits_at: Tensor | None = None,
+                doc_ids: Tensor | None = None) -> Tensor | ModelOutput:
         """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] at index `logits_at` [B] of each row).
 
         `positions` [B, T] defaults to 0..T-1. `cache` (an engine cache) switches attention to the
         latent-cache decoding path. `mtp=True` also runs the MTP modules over the same hidden states.
+        `doc_ids` [B, T] marks the documents packed in each row: attention never crosses them (pass
+        positions that restart at each document too).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
@@ -659,8 +663,13 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         scale = self.rotary.softmax_scale
+        mask = None
+        if doc_ids is not None:  # causal within each packed document, nothing across them
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
+            mask = mask[:, None]
         for layer in self.layers:
-            x = layer(x, cos, sin, scale, cache)
+            x = layer(x, cos, sin, scale, cache, mask)
         hidden = x
         if logits_at is not None:  # e.g. each prompt's last token: skip the head everywhere else
             x = x[torch.arange(B, device=x.device), logits_at][:, None]
@@ -669,7 +678,7 @@ class Transformer(nn.Module):
             return logits
         out = ModelOutput(logits=logits, hidden=hidden)
         if mtp:
-            out.mtp_logits = self.mtp_forward(hidden, input_ids, cos, sin)
+            out.mtp_logits = self.mtp_forward(hidden, input_ids, cos, sin, mask)
         moe = self.moe_layers()
         if moe:
             out.router_load = torch.stack([m.last_load for m in moe])
@@ -677,7 +686,8 @@ class Transformer(nn.Module):
             out.aux_loss = torch.stack(losses).sum() if losses else None
         return out
 
-    def mtp_forward(self, hidden: Tensor, input_ids: Tensor, cos: Tensor, sin: Tensor) -> list[Tensor]:
+    def mtp_forward(self, hidden: Tensor, input_ids: Tensor, cos: Tensor, sin: Tensor,
+                    mask: Tensor | None = None) -> list[Tensor]:
         """Sequential MTP depths over a full sequence (training): depth k sees positions 0..T-1-k."""
         logits, h = [], hidden
         for k, module in enumerate(self.mtp, start=1):
@@ -685,7 +695,8 @@ class Transformer(nn.Module):
             if T <= 0:
                 break
             next_embeds = self.embed_tokens(input_ids[:, k:k + T])
-            h = module(h[:, :T], next_embeds, cos[:, :T], sin[:, :T], self.rotary.softmax_scale)
+            h = module(h[:, :T], next_embeds, cos[:, :T], sin[:, :T], self.rotary.softmax_scale,
+                       mask=None if mask is None else mask[..., :T, :T])
             logits.append(self.lm_head(module.norm(h)))
         return logits
 

@@ -1,0 +1,177 @@
+"""DeepSeek-R1's rule-based rewards (R1 §2.2.2): a format reward and an accuracy reward.
+
+The completion is the assistant's whole response, including its opening `<think>` whether the model
+or the chat template wrote it. A valid response is exactly
+
+    <think> ... </think> <answer> ... </answer>
+
+with white space allowed around the parts and nothing after: one pair of each tag, none nested,
+none repeated (several answer tags are the known reward hack). Only the content of that single answer
+tag is checked for accuracy. Every reward returns a float in [0, 1], never raises on model output, and
+runs in time linear in the completion's length (no backtracking regular expressions, no `eval`).
+
+Numbers compare by value ("42.0" matches "42", "1/2" matches "0.5"), written with ASCII digits;
+other digit systems compare as text. LaTeX answers are checked with math-verify when it is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from minir1.tokenizer import ANSWER, END_ANSWER, END_THINK, THINK
+
+log = logging.getLogger(__name__)
+
+TAGS = (THINK, END_THINK, ANSWER, END_ANSWER)
+MAX_NUMBER_CHARS = 400          # longer "numbers" compare as text: parsing them is not worth the risk
+MAX_EXPONENT = 400
+MAX_LATEX_CHARS = 1000
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_FRACTION = re.compile(r"([+-]?\d+)\s*/\s*(\d+)", re.ASCII)
+
+
+def parse_response(completion: str) -> tuple[str, str] | None:
+    """(thinking, answer) if the completion has R1's exact format, else None."""
+    if not isinstance(completion, str):
+        return None
+    counts = [completion.count(t) for t in TAGS]
+    if counts != [1, 1, 1, 1]:
+        return None
+    body = completion.strip()
+    if not body.startswith(THINK) or not body.endswith(END_ANSWER):
+        return None
+    i_end_think, i_answer = body.index(END_THINK), body.index(ANSWER)
+    if not i_end_think < i_answer:
+        return None
+    if body[i_end_think + len(END_THINK):i_answer].strip():
+        return None  # nothing but white space between the thinking and the answer
+    thinking = body[len(THINK):i_end_think]
+    answer = body[i_answer + len(ANSWER):-len(END_ANSWER)]
+    return thinking, answer.strip()
+
+
+def format_reward(completion: str) -> float:
+    """1.0 for exactly one <think>…</think> then exactly one <answer>…</answer>, else 0.0."""
+    try:
+        return 1.0 if parse_response(completion) is not None else 0.0
+    except Exception:  # never raise on model output
+        log.warning("format_reward failed on a completion", exc_info=True)
+        return 0.0
+
+
+def extract_answer(completion: str) -> str | None:
+    """The content of the single answer tag that follows the thinking, or None (none, or several)."""
+    if not isinstance(completion, str) or completion.count(ANSWER) != 1 or completion.count(END_ANSWER) != 1:
+        return None
+    end_think = completion.rfind(END_THINK)
+    start = completion.find(ANSWER)
+    end = completion.find(END_ANSWER)
+    if end_think < 0 or not end_think < start < end:
+        return None  # no thinking before it, or the tag sits inside the thinking
+    return completion[start + len(ANSWER):end].strip()
+
+
+def parse_number(text: str) -> Fraction | None:
+    """An exact value for a plain number ("42", "-3.50", "1e3", "1,234", "3/4"), else None."""
+    s = text.strip().rstrip(".").replace(",", "").replace("$", "").strip()
+    if not s or len(s) > MAX_NUMBER_CHARS or not s.isascii():
+        return None
+    m = _FRACTION.fullmatch(s)
+    if m:
+        den = int(m.group(2))
+        return Fraction(int(m.group(1)), den) if den else None
+    if not _NUMBER.fullmatch(s):
+        return None
+    mantissa, _, exponent = s.lower().partition("e")
+    if exponent and abs(int(exponent)) > MAX_EXPONENT:
+        return None  # 1e999 and friends: too large to be a meant answer, too costly to expand
+    return Fraction(s)
+
+
+def _latex_equal(response: str, answer: str, timeout_s: float = 2.0) -> bool:
+    """math-verify's verdict, in a worker thread so that a pathological input cannot hang the caller."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return False
+    if len(response) > MAX_LATEX_CHARS or len(answer) > MAX_LATEX_CHARS:
+        return False
+    result: list[bool] = []
+
+    def work() -> None:
+        try:
+            gold = parse(f"${answer}$", parsing_timeout=None)
+            pred = parse(f"${response}$", parsing_timeout=None)
+            result.append(bool(gold and pred and verify(gold, pred, timeout_seconds=None)))
+        except Exception:
+            result.append(False)
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return bool(result and result[0])
+
+
+def normalise_text(s: str) -> str:
+    return " ".join(s.strip().strip(".").split()).lower()
+
+
+def answers_match(response: str, answer: str) -> bool:
+    """Numbers by value; otherwise normalised text; otherwise (LaTeX) math-verify."""
+    a, b = parse_number(response), parse_number(answer)
+    if a is not None and b is not None:
+        return a == b
+    if normalise_text(response) == normalise_text(answer):
+        return True
+    if any(ch in text for text in (response, answer) for ch in "\\{^"):  # LaTeX on either side
+        return _latex_equal(response, answer)
+    return False
+
+
+def accuracy_reward(completion: str, answer: str, task: Any = None) -> float:
+    """1.0 if the single answer tag after the thinking holds a correct answer, else 0.0. With a task,
+    its own checker decides (e.g. countdown evaluates the equation)."""
+    try:
+        response = extract_answer(completion)
+        if response is None:
+            return 0.0
+        ok = task.check(response, answer) if task is not None else answers_match(response, answer)
+        return 1.0 if ok else 0.0
+    except Exception:
+        log.warning("accuracy_reward failed on a completion", exc_info=True)
+        return 0.0
+
+
+@dataclass
+class RewardWeights:
+    format: float = 0.1
+    accuracy: float = 1.0
+
+
+def combined_reward(completion: str, answer: str, task: Any = None,
+                    weights: RewardWeights | None = None) -> float:
+    """Weighted mean of format and accuracy, where a correct answer only counts with a valid format."""
+    weights = weights or RewardWeights()
+    fmt = format_reward(completion)
+    acc = accuracy_reward(completion, answer, task) if fmt == 1.0 else 0.0
+    total = weights.format + weights.accuracy
+    return (weights.format * fmt + weights.accuracy * acc) / total if total > 0 else 0.0
+
+
+def safe_reward(fn: Callable[..., float], *args: Any, **kwargs: Any) -> float:
+    """Call a reward function; an exception or a non-finite value gives 0 with a logged warning."""
+    try:
+        value = float(fn(*args, **kwargs))
+    except Exception as e:
+        log.warning("reward %s raised %s: %s; scoring 0", getattr(fn, "__name__", fn), type(e).__name__, e)
+        return 0.0
+    if not math.isfinite(value):
+        log.warning("reward %s returned %s; scoring 0", getattr(fn, "__name__", fn), value)
+        return 0.0
+    return min(max(value, 0.0), 1.0)

@@ -1,0 +1,110 @@
+"""Multi-digit +, −, × with a difficulty knob: `arithmetic:digits=3,operands=3,ops=+-*`."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from minir1.tasks.base import Problem, Task, TaskError
+
+SYMBOL = {"+": "+", "-": "-", "*": "×"}
+
+
+def column_addition(a: int, b: int) -> str:
+    """Digit-by-digit addition of two non-negative integers, right to left, carries written out."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    carry, steps = 0, []
+    for i in range(max(len(da), len(db))):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        s = x + y + carry
+        steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={s}")
+        carry = s // 10
+    return ", ".join(steps)
+
+
+def column_subtraction(a: int, b: int) -> str:
+    """Digit-by-digit a - b for a >= b >= 0, right to left, borrows written out."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    borrow, steps = 0, []
+    for i in range(len(da)):
+        x = int(da[i]) - borrow
+        y = int(db[i]) if i < len(db) else 0
+        if x < y:
+            steps.append(f"{x + 10}-{y}={x + 10 - y} borrow")
+            borrow = 1
+        else:
+            steps.append(f"{x}-{y}={x - y}")
+            borrow = 0
+    return ", ".join(steps)
+
+
+def column_multiplication(a: int, d: int) -> str:
+    """Digit-by-digit a × d for a single digit d, carries written out."""
+    carry, steps = 0, []
+    for ch in str(a)[::-1]:
+        s = int(ch) * d + carry
+        steps.append(f"{ch}×{d}" + (f"+{carry}" if carry else "") + f"={s}")
+        carry = s // 10
+    return ", ".join(steps)
+
+
+def explain(a: int, op: str, b: int) -> tuple[int, str]:
+    """The result of `a op b` and the working that leads to it — working first, result last, so that
+    a model writing it thinks before it answers."""
+    r = {"+": a + b, "-": a - b, "*": a * b}[op]
+    result = f"{a} {SYMBOL[op]} {b} = {r}"
+    if op == "+" and a >= 0 and b >= 0:
+        return r, f"{column_addition(a, b)}, so {result}"
+    if op == "-" and a >= 0 and b >= 0:
+        if a >= b:
+            return r, f"{column_subtraction(a, b)}, so {result}"
+        return r, f"{b} > {a}: {column_subtraction(b, a)}, so {b} - {a} = {b - a} and {result}"
+    if op == "*" and a >= 0 and 0 <= b <= 9:
+        return r, f"{column_multiplication(a, b)}, so {result}"
+    if op == "*" and a >= 0 and b > 9:
+        parts = [f"{a}×{d}{'0' * i}={a * int(d) * 10 ** i}" for i, d in enumerate(str(b)[::-1])]
+        return r, f"{', '.join(parts)}, so {result}"
+    return r, result  # negative intermediate values: stated directly
+
+
+@dataclass
+class Arithmetic(Task):
+    digits: int = 2        # operands have 1..digits digits
+    operands: int = 2      # numbers in the expression
+    mul_digits: int = 1    # a factor of × has at most this many digits; 0 = no ×
+    name = "arithmetic"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.digits <= 12:
+            raise TaskError(f"arithmetic: digits ({self.digits}) must be between 1 and 12")
+        if not 2 <= self.operands <= 6:
+            raise TaskError(f"arithmetic: operands ({self.operands}) must be between 2 and 6")
+        if not 0 <= self.mul_digits <= self.digits:
+            raise TaskError(f"arithmetic: mul_digits ({self.mul_digits}) must be between 0 (no ×) and digits")
+
+    def make(self, rng: random.Random) -> Problem:
+        nums = [rng.randint(0, 10 ** rng.randint(1, self.digits) - 1) for _ in range(self.operands)]
+        ops = [rng.choice("+-*" if self.mul_digits else "+-") for _ in range(self.operands - 1)]
+        for i, op in enumerate(ops):
+            if op == "*":
+                nums[i + 1] = nums[i + 1] % 10 ** self.mul_digits
+        question_expr = " ".join(str(nums[0]) if i == 0 else f"{SYMBOL[ops[i - 1]]} {nums[i]}"
+                                 for i in range(len(nums)))
+        steps = []
+        # × first (standard precedence), then + and − from left to right.
+        vals, pending = [nums[0]], []
+        for op, n in zip(ops, nums[1:]):
+            if op == "*":
+                r, s = explain(vals[-1], "*", n)
+                steps.append(s)
+                vals[-1] = r
+            else:
+                pending.append(op)
+                vals.append(n)
+        total = vals[0]
+        for op, n in zip(pending, vals[1:]):
+            total, s = explain(total, op, n)
+            steps.append(s)
+        solution = "\n".join(steps) if steps else f"{total}"
+        return Problem(question=f"What is {question_expr}?", answer=str(total), solution=solution)

@@ -1,0 +1,61 @@
+"""`jsonl:PATH`: a local file with one {"question": ..., "answer": ...} object a line (GSM8K and MATH
+converted to this shape work; an optional "solution" is used for SFT). Answers are checked by value,
+or with math-verify for LaTeX."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from minir1.tasks.base import Problem, Task, TaskError, is_heldout
+
+
+class JsonlTask(Task):
+    name = "jsonl"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise TaskError(f"{self.path}: no such file")
+        self.items: list[Problem] = []
+        with self.path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskError(f"{self.path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+                if not isinstance(obj, dict):
+                    raise TaskError(f"{self.path}:{lineno}: expected an object with 'question' and 'answer'")
+                for key in ("question", "answer"):
+                    if key not in obj:
+                        raise TaskError(f"{self.path}:{lineno}: missing field '{key}'")
+                    if not isinstance(obj[key], (str, int, float)) or isinstance(obj[key], bool):
+                        raise TaskError(f"{self.path}:{lineno}: field '{key}' must be a string or a number")
+                solution = obj.get("solution", "")
+                if not isinstance(solution, str):
+                    raise TaskError(f"{self.path}:{lineno}: field 'solution' must be a string")
+                self.items.append(Problem(str(obj["question"]), str(obj["answer"]).strip(), solution))
+        if not self.items:
+            raise TaskError(f"{self.path}: no problems in the file")
+
+    def problems(self, split: str = "train", seed: int = 0) -> Iterator[Problem]:
+        if split not in ("train", "test"):
+            raise TaskError(f"split must be 'train' or 'test', got {split!r}")
+        pool = [p for p in self.items if is_heldout(p.question) == (split == "test")]
+        if not pool:
+            raise TaskError(f"{self.path}: the {split} split is empty ({len(self.items)} problems in all; "
+                            f"about 10% are held out for testing)")
+        rng = random.Random(f"jsonl:{split}:{seed}")
+        while True:  # epochs, each in a fresh seeded order
+            order = pool[:]
+            rng.shuffle(order)
+            yield from order
+
+    def take(self, n: int, split: str = "train", seed: int = 0) -> list[Problem]:
+        """At most one pass over the split: evaluation never counts a problem twice."""
+        pool = sum(1 for p in self.items if is_heldout(p.question) == (split == "test"))
+        return super().take(min(n, pool), split, seed)

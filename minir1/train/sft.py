@@ -1,0 +1,147 @@
+"""Supervised fine-tuning: chat data or cold-start examples in R1's <think>/<answer> format (R1 §2.3.1),
+loss on assistant tokens only, examples packed into rows whose attention never crosses examples."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from minir1.model import Transformer
+from minir1.prompting import r1_response
+from minir1.tasks import Task, TaskError, is_heldout
+from minir1.tokenizer import THINK, Tokenizer
+
+IGNORE = -100
+
+
+def load_chat_file(path: str | Path) -> list[list[dict[str, str]]]:
+    """{"messages": [{"role": …, "content": …}, …]} a line; errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"{path}: no such file")
+    conversations = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+            msgs = obj.get("messages") if isinstance(obj, dict) else None
+            if not isinstance(msgs, list) or not msgs:
+                raise TaskError(f"{path}:{lineno}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}}")
+            for j, m in enumerate(msgs):
+                if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                        or not isinstance(m.get("content"), str):
+                    raise TaskError(f"{path}:{lineno}: messages[{j}] needs a role (system, user or assistant) "
+                                    "and a string content")
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise TaskError(f"{path}:{lineno}: no assistant message to learn from")
+            conversations.append(msgs)
+    if not conversations:
+        raise TaskError(f"{path}: no conversations in the file")
+    return conversations
+
+
+def encode_conversation(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """One (prompt ids, completion ids) pair per assistant turn: the prompt is the chat template's
+    rendering of the history (as it will look at inference), the completion the assistant's text (less
+    the "<think>\\n" the template already wrote) plus EOS."""
+    pairs = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+        content = m["content"]
+        opened = tokenizer.decode(prompt[-3:])
+        for prefix in (THINK + "\n", THINK):
+            if opened.endswith(prefix) and content.startswith(prefix):
+                content = content[len(prefix):]
+                break
+        completion = tokenizer.encode(content) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+        pairs.append((prompt, completion))
+    return pairs
+
+
+@dataclass
+class SFTStage:
+    tokenizer: Tokenizer
+    seq_len: int
+    micro_batch_size: int
+    task: Task | None = None                 # cold-start examples from the task's worked solutions
+    conversations: list[list[dict[str, str]]] | None = None   # or chat data from a file
+    seed: int = 0
+    data_source: str = ""
+    name: str = "sft"
+    _pairs: list[tuple[list[int], list[int]]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.task is None) == (self.conversations is None):
+            raise ValueError("SFT needs exactly one of a task or conversations")
+        if self.conversations is not None:
+            self._pairs = [p for c in self.conversations for p in encode_conversation(self.tokenizer, c)]
+
+    def _examples(self, rng: random.Random, step: int, micro: int):
+        if self.task is not None:
+            while True:
+                p = self.task.make(rng)
+                if is_heldout(p.question):
+                    continue
+                msgs = [{"role": "user", "content": p.question},
+                        {"role": "assistant", "content": r1_response(p.solution, p.answer)}]
+                yield from encode_conversation(self.tokenizer, msgs)
+        else:  # sampled with replacement from the file's examples, seeded by (seed, step, micro)
+            while True:
+                yield self._pairs[rng.randrange(len(self._pairs))]
+
+    def batch(self, step: int, micro: int, n_micro: int) -> dict[str, Tensor]:
+        """Rows of packed examples: ids, labels (IGNORE outside completions), positions restarting at
+        each example, and doc ids so attention stays inside each example."""
+        rng = random.Random(f"sft:{self.seed}:{step}:{micro}")
+        T, pad = self.seq_len, self.tokenizer.pad_id or 0
+        ids = torch.full((self.micro_batch_size, T), pad, dtype=torch.long)
+        labels = torch.full_like(ids, IGNORE)
+        positions = torch.zeros_like(ids)
+        docs = torch.full_like(ids, -1)
+        examples = self._examples(rng, step, micro)
+        for row in range(self.micro_batch_size):
+            used, doc = 0, 0
+            while used < T:
+                prompt, completion = next(examples)
+                seq = (prompt + completion)[:T + 1]
+                if len(seq) - 1 > T - used:
+                    if used:  # does not fit: leave the rest of the row as padding
+                        break
+                n = len(seq) - 1
+                # Inputs seq[:-1] predict seq[1:]; only completion tokens are targets.
+                target = torch.tensor(seq[1:n + 1])
+                mask = torch.arange(1, n + 1) >= len(prompt)
+                ids[row, used:used + n] = torch.tensor(seq[:n])
+                labels[row, used:used + n] = torch.where(mask, target, IGNORE)
+                positions[row, used:used + n] = torch.arange(n)
+                docs[row, used:used + n] = doc
+                used += n
+                doc += 1
+            # Padding gets its own document id so that it never joins an example's attention.
+            docs[row, used:] = doc
+        return {"ids": ids, "labels": labels, "positions": positions, "doc_ids": docs}
+
+    def loss(self, model: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float], int]:
+        device = next(model.parameters()).device
+        b = {k: v.to(device) for k, v in batch.items()}
+        logits = model(b["ids"], positions=b["positions"], doc_ids=b["doc_ids"])
+        n_targets = int((b["labels"] != IGNORE).sum())
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), b["labels"].reshape(-1),
+                               ignore_index=IGNORE)
+        return loss, {"target_tokens": n_targets}, b["ids"].numel()
+
+    def config(self) -> dict[str, Any]:
+        return {"data": self.data_source, "seq_len": self.seq_len, "examples": len(self._pairs) or None}

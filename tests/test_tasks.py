@@ -1,0 +1,89 @@
+"""Tasks: seeded generators, disjoint held-out split, worked solutions that reach the answer, jsonl files."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from minir1.tasks import TaskError, get_task, is_heldout
+
+
+@pytest.mark.parametrize("spec", ["arithmetic", "arithmetic:digits=3,operands=3", "arithmetic:mul_digits=0",
+                                  "countdown"])
+def test_generators_are_seeded_and_splits_disjoint(spec):
+    task = get_task(spec)
+    a, b = task.take(50, "train", seed=1), task.take(50, "train", seed=1)
+    assert a == b and a != task.take(50, "train", seed=2)
+    test = task.take(50, "test")
+    assert all(is_heldout(p.question) for p in test) and not any(is_heldout(p.question) for p in a)
+    assert not {p.question for p in a} & {p.question for p in test}
+
+
+def test_arithmetic_solutions_are_correct_and_think_before_answering():
+    task = get_task("arithmetic:digits=3,operands=3")
+    for p in task.take(200):
+        expr = p.question.removeprefix("What is ").removesuffix("?").replace("×", "*")
+        assert int(p.answer) == _evaluate(expr)
+        last = p.solution.splitlines()[-1]
+        assert last.endswith(f"= {p.answer}")
+        # every step's working comes before its result
+        assert all(", so " in line or re.fullmatch(r".* = -?\d+", line) for line in p.solution.splitlines())
+
+
+def _evaluate(expr: str) -> int:
+    tokens = expr.split()
+    values, ops = [int(tokens[0])], []
+    for op, n in zip(tokens[1::2], tokens[2::2]):
+        if op == "*":
+            values[-1] *= int(n)
+        else:
+            ops.append(op)
+            values.append(int(n))
+    total = values[0]
+    for op, n in zip(ops, values[1:]):
+        total = total + n if op == "+" else total - n
+    return total
+
+
+def test_task_spec_errors():
+    with pytest.raises(TaskError, match="unknown task 'algebra'"):
+        get_task("algebra")
+    with pytest.raises(TaskError, match="unknown option 'dgits'"):
+        get_task("arithmetic:dgits=3")
+    with pytest.raises(TaskError, match="must be an integer"):
+        get_task("arithmetic:digits=many")
+    with pytest.raises(TaskError, match=r"digits \(99\) must be between 1 and 12"):
+        get_task("arithmetic:digits=99")
+
+
+def test_jsonl_task(tmp_path):
+    path = tmp_path / "gsm.jsonl"
+    rows = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(200)]
+    rows.append({"question": "Half of one?", "answer": "\\frac{1}{2}"})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    task = get_task(f"jsonl:{path}")
+    train, test = task.take(500, "train"), task.take(500, "test")
+    assert len(test) == sum(is_heldout(r["question"]) for r in rows)  # one pass, no repeats
+    assert not {p.question for p in train} & {p.question for p in test}
+    assert task.check("42.0", "42") and task.check("0.5", "\\frac{1}{2}") and not task.check("41", "42")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"question": "q", "answer": "1"}\n{"question": "q2"\n', "bad.jsonl:2: invalid JSON"),
+    ('{"question": "q", "answer": "1"}\n{"question": "q2"}\n', "bad.jsonl:2: missing field 'answer'"),
+    ('[1, 2]\n', "bad.jsonl:1: expected an object"),
+    ('{"question": "q", "answer": [1]}\n', "bad.jsonl:1: field 'answer' must be a string or a number"),
+    ('\n\n', "bad.jsonl: no problems"),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(TaskError, match=re.escape(message)):
+        get_task(f"jsonl:{path}")
+
+
+def test_missing_jsonl_file(tmp_path):
+    with pytest.raises(TaskError, match="no such file"):
+        get_task(f"jsonl:{tmp_path / 'none.jsonl'}")
