@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--mtp-ckpt", help="a checkpoint with a trained MTP head, for speculative decoding")
+    ap.add_argument("--mtp-task", default="arithmetic", help="the task that checkpoint was pretrained on")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     from transformers import DeepseekV3ForCausalLM
@@ -88,19 +89,31 @@ def main() -> None:
         print(f"batch {b:3d}: minir1 {statistics.median(mine):8,.0f} tok/s   transformers "
               f"{statistics.median(hf):8,.0f} tok/s   x{ratio:.2f}", flush=True)
     if args.mtp_ckpt:
+        from minir1 import Tokenizer
+        from minir1.tasks import get_task
         model = Transformer.from_pretrained(args.mtp_ckpt).eval()
-        eng = Engine(model)
-        prompts = torch.randint(0, model.config.vocab_size, (1, args.prompt))
-        plain, spec, acc = [], [], []
-        for r in range(args.repeats):
-            plain.append(run_ours(eng, prompts, args.new, r))
-            spec.append(run_ours(eng, prompts, args.new, r, speculative=True))
-            acc.append(eng.last_stats["acceptance_rate"])
-        results["speculative"] = {"plain_tokens_per_s": statistics.median(plain),
-                                  "speculative_tokens_per_s": statistics.median(spec),
-                                  "speedup_median": statistics.median(s / p for s, p in zip(spec, plain)),
-                                  "acceptance_rate": statistics.median(acc)}
-        print("speculative:", results["speculative"])
+        tok = Tokenizer.from_pretrained(args.mtp_ckpt)
+        eng = Engine(model, tok)
+        questions = get_task(args.mtp_task).take(16, "test")
+        results["speculative"] = {}
+        for batch, temperature in [(1, 0.0), (16, 0.0), (16, 1.0)]:
+            prompts = [tok.encode(f"Question: {q.question}\nSolution:\n", add_bos=True) for q in questions[:batch]]
+            plain, spec, acc = [], [], []
+            for r in range(args.repeats):
+                for flag, sink in ((False, plain), (True, spec)):
+                    params = SamplingParams(max_new_tokens=args.new, temperature=temperature, seed=r,
+                                            stop_token_ids=[], speculative=flag)
+                    t = time.perf_counter()
+                    outs = eng.generate(prompts, params)
+                    sink.append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t))
+                acc.append(eng.last_stats["acceptance_rate"])
+            row = {"plain_tokens_per_s": statistics.median(plain), "speculative_tokens_per_s": statistics.median(spec),
+                   "speedup_median": statistics.median(s / p for s, p in zip(spec, plain)),
+                   "acceptance_rate": statistics.median(acc)}
+            results["speculative"][f"batch{batch}_T{temperature:g}"] = row
+            print(f"speculative, batch {batch}, temperature {temperature:g}: acceptance {row['acceptance_rate']:.0%}, "
+                  f"{row['plain_tokens_per_s']:,.0f} -> {row['speculative_tokens_per_s']:,.0f} tok/s "
+                  f"(x{row['speedup_median']:.2f})", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

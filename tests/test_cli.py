@@ -97,7 +97,8 @@ def test_chat_session_history_reset_and_interrupt(chat_ckpt, monkeypatch):
     out = io.StringIO()
     assert run_chat(engine, SamplingParams(max_new_tokens=6, temperature=0), read=lambda _: next(lines), out=out) == 0
     assert prompts_seen[0].endswith("<｜User｜>hello<｜Assistant｜><think>\n")
-    assert "<｜User｜>hello<｜Assistant｜>" in prompts_seen[1] and prompts_seen[1].endswith("again<｜Assistant｜><think>\n")
+    assert "<｜User｜>hello<｜Assistant｜>" in prompts_seen[1]
+    assert prompts_seen[1].endswith("again<｜Assistant｜><think>\n")
     assert "hello" not in prompts_seen[2]  # /reset cleared the history
     assert "(conversation cleared)" in out.getvalue()
 

@@ -8,8 +8,16 @@ import time
 
 import pytest
 
-from minir1.rewards import (RewardWeights, accuracy_reward, answers_match, combined_reward, extract_answer,
-                            format_reward, parse_number, safe_reward)
+from minir1.rewards import (
+    RewardWeights,
+    accuracy_reward,
+    answers_match,
+    combined_reward,
+    extract_answer,
+    format_reward,
+    parse_number,
+    safe_reward,
+)
 from minir1.tasks import get_task
 
 GOOD = "<think>\n12 + 30 = 42\n</think>\n<answer>42</answer>"
@@ -70,7 +78,8 @@ ADVERSARIAL = {
     "1e999999999": "<think>x</think><answer>1e999999999</answer>",
     "10,000 digits": "<think>x</think><answer>" + "9" * 10_000 + "</answer>",
     "deep nesting": "<think>" * 50_000 + "x" + "</think>" * 50_000 + "<answer>42</answer>",
-    "1 MB": "<think>" + "".join(random.Random(0).choices("abc 0123456789<>/", k=1_000_000)) + "</think><answer>42</answer>",
+    "1 MB": "<think>" + "".join(random.Random(0).choices("abc 0123456789<>/", k=1_000_000))
+            + "</think><answer>42</answer>",
     "unicode": "<think>½ ⁴² ٤٢ 𝟒𝟐</think><answer>𝟒𝟐</answer>",
     "nul bytes": "<think>\x00\x00</think><answer>\x0042</answer>",
     "latex bomb": "<think>x</think><answer>" + "\\frac{" * 400 + "1" + "}" * 400 + "</answer>",

@@ -49,11 +49,23 @@ def column_multiplication(a: int, d: int) -> str:
     return ", ".join(steps)
 
 
+def counting(a: int, op: str, b: int) -> str:
+    """Single-digit + and − by counting from the first number (from the larger one for a negative
+    difference): a procedure that reaches unseen facts, where a memorised table cannot."""
+    if op == "-" and a < b:
+        return f"{b} > {a}, count down from {b}: {counting(b, '-', a)}"
+    sign = 1 if op == "+" else -1
+    steps = [str(a + sign * i) for i in range(1, b + 1)]
+    return f"{a}{op}{b}: " + (", ".join(steps) if steps else str(a))
+
+
 def explain(a: int, op: str, b: int) -> tuple[int, str]:
     """The result of `a op b` and the working that leads to it — working first, result last, so that
     a model writing it thinks before it answers."""
     r = {"+": a + b, "-": a - b, "*": a * b}[op]
     result = f"{a} {SYMBOL[op]} {b} = {r}"
+    if op in "+-" and 0 <= a <= 9 and 0 <= b <= 9:
+        return r, f"{counting(a, op, b)}, so {result}"
     if op == "+" and a >= 0 and b >= 0:
         return r, f"{column_addition(a, b)}, so {result}"
     if op == "-" and a >= 0 and b >= 0:
