@@ -476,6 +476,34 @@ def _(x_sorted: Tensor, weight_EOI: Tensor, counts_E: Tensor) -> Tensor:
     return x_sorted.new_empty(x_sorted.shape[0], weight_EOI.shape[1])
 
 
+@torch.library.custom_op("minir1::grouped_linear_weight_grad", mutates_args=())
+def _grouped_weight_grad_op(grad: Tensor, x_sorted: Tensor, counts_E: Tensor, weight_like: Tensor) -> Tensor:
+    out = torch.zeros_like(weight_like)
+    sizes = counts_E.tolist()
+    for e, (g, x) in enumerate(zip(grad.split(sizes), x_sorted.split(sizes))):
+        if len(g):
+            out[e] = g.t() @ x
+    return out
+
+
+@_grouped_weight_grad_op.register_fake
+def _(grad: Tensor, x_sorted: Tensor, counts_E: Tensor, weight_like: Tensor) -> Tensor:
+    return torch.empty_like(weight_like)
+
+
+def _grouped_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+    x_sorted, weight_EOI, counts_E = ctx.saved_tensors
+    grad_x = _grouped_linear_op(grad, weight_EOI.transpose(1, 2).contiguous(), counts_E)
+    return grad_x, _grouped_weight_grad_op(grad, x_sorted, counts_E, weight_EOI), None
+
+
+_grouped_linear_op.register_autograd(_grouped_backward, setup_context=_grouped_setup)
+
+
 class MoE(nn.Module):
     """DeepSeekMoE (DeepSeek-V3 §2.1.2, eq. 12): shared experts + top-k of many fine-grained experts.
 
