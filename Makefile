@@ -25,8 +25,11 @@ lint: install
 	$(BIN)/ruff check minir1 tests benchmarks
 
 bench: install
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/train_small.py
+	test -d runs/mtp-demo || $(BIN)/minir1 pretrain --preset tiny --task arithmetic:digits=1,mul_digits=0 \
+		--steps 450 --lr 3e-3 --batch-size 8 --seq-len 128 --vocab-size 384 --out runs/mtp-demo
+	$(BIN)/python benchmarks/generate.py --mtp-ckpt runs/mtp-demo --mtp-task arithmetic:digits=1,mul_digits=0
 
 clean:
 	rm -rf $(VENV) build *.egg-info
