@@ -77,16 +77,21 @@ def test_forward_outputs_from_one_pass():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+def perturbed_outputs(fn, length: int, at: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn(model, ids) on random ids and on the same ids with the token at `at` changed."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny")).eval()
+    ids = torch.randint(0, 1024, (1, length))
+    ids2 = ids.clone()
+    ids2[0, at] = (ids[0, at] + 7) % 1024
+    with torch.no_grad():
+        return fn(model, ids), fn(model, ids2)
+
+
 def test_mtp_depth_uses_the_next_token_embedding():
     """MTP depth 1 at position i must see token i+1 (and nothing later): changing token j only changes
     MTP logits at positions >= j-1."""
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset("tiny")).eval()
-    ids = torch.randint(0, 1024, (1, 16))
-    ids2 = ids.clone()
-    ids2[0, 10] = (ids[0, 10] + 1) % 1024
-    with torch.no_grad():
-        a, b = model(ids, mtp=True).mtp_logits[0], model(ids2, mtp=True).mtp_logits[0]
+    a, b = perturbed_outputs(lambda m, ids: m(ids, mtp=True).mtp_logits[0], length=16, at=10)
     diff = (a - b).abs().amax(-1)[0]
     assert torch.all(diff[:9] < 1e-5) and diff[9] > 1e-3
 
@@ -211,13 +216,7 @@ def test_bf16_autocast_forward_backward():
 
 
 def test_causality():
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset("tiny")).eval()
-    ids = torch.randint(0, 1024, (1, 20))
-    ids2 = ids.clone()
-    ids2[0, 15] = (ids[0, 15] + 7) % 1024
-    with torch.no_grad():
-        a, b = model(ids), model(ids2)
+    a, b = perturbed_outputs(lambda m, ids: m(ids), length=20, at=15)
     torch.testing.assert_close(a[:, :15], b[:, :15], atol=1e-5, rtol=0)
     assert not torch.allclose(a[:, 15:], b[:, 15:])
 

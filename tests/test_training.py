@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,12 +191,17 @@ def test_packed_examples_do_not_see_each_other(tiny_tokenizer):
     torch.testing.assert_close(packed[0, sel], alone[0], atol=1e-5, rtol=0)
 
 
-def test_sft_on_a_chat_file_through_the_cli(tokenizer_dir, tmp_path):
-    ckpt = tmp_path / "init"
+def init_checkpoint(tokenizer_dir: Path, tmp_path: Path):
     from minir1 import Tokenizer
+    ckpt = tmp_path / "init"
     tok = Tokenizer.from_pretrained(tokenizer_dir)
     small_model(tok).save_pretrained(ckpt)
     tok.save_pretrained(ckpt)
+    return ckpt, tok
+
+
+def test_sft_on_a_chat_file_through_the_cli(tokenizer_dir, tmp_path):
+    ckpt, tok = init_checkpoint(tokenizer_dir, tmp_path)
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(json.dumps({"messages": c}) for c in sft_stage(tok).conversations) + "\n")
     res = run_cli("sft", "--init", str(ckpt), "--data", str(data), "--steps", "5", "--batch-size", "2",
@@ -228,11 +234,7 @@ def test_bad_input_to_commands(args, message):
 
 
 def test_malformed_sft_data_names_file_and_line(tmp_path, tokenizer_dir):
-    ckpt = tmp_path / "init"
-    from minir1 import Tokenizer
-    tok = Tokenizer.from_pretrained(tokenizer_dir)
-    small_model(tok).save_pretrained(ckpt)
-    tok.save_pretrained(ckpt)
+    ckpt, tok = init_checkpoint(tokenizer_dir, tmp_path)
     data = tmp_path / "chat.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n'
                     '{"messages": [{"role": "wizard", "content": "hi"}]}\n')

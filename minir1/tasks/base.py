@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 
@@ -18,6 +20,20 @@ class Problem:
     question: str         # the user's message
     answer: str           # the reference answer, as the answer tag should hold it
     solution: str         # worked reasoning (the text inside <think>), for pretraining and cold-start SFT
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line; errors name the file and the line."""
+    if not path.is_file():
+        raise TaskError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
 
 
 HELDOUT_PERCENT = 10

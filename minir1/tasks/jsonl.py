@@ -4,12 +4,11 @@ or with math-verify for LaTeX."""
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from minir1.tasks.base import Problem, Task, TaskError, is_heldout
+from minir1.tasks.base import Problem, Task, TaskError, is_heldout, read_jsonl
 
 
 class JsonlTask(Task):
@@ -17,28 +16,19 @@ class JsonlTask(Task):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise TaskError(f"{self.path}: no such file")
         self.items: list[Problem] = []
-        with self.path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{self.path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
-                if not isinstance(obj, dict):
-                    raise TaskError(f"{self.path}:{lineno}: expected an object with 'question' and 'answer'")
-                for key in ("question", "answer"):
-                    if key not in obj:
-                        raise TaskError(f"{self.path}:{lineno}: missing field '{key}'")
-                    if not isinstance(obj[key], (str, int, float)) or isinstance(obj[key], bool):
-                        raise TaskError(f"{self.path}:{lineno}: field '{key}' must be a string or a number")
-                solution = obj.get("solution", "")
-                if not isinstance(solution, str):
-                    raise TaskError(f"{self.path}:{lineno}: field 'solution' must be a string")
-                self.items.append(Problem(str(obj["question"]), str(obj["answer"]).strip(), solution))
+        for lineno, obj in read_jsonl(self.path):
+            if not isinstance(obj, dict):
+                raise TaskError(f"{self.path}:{lineno}: expected an object with 'question' and 'answer'")
+            for key in ("question", "answer"):
+                if key not in obj:
+                    raise TaskError(f"{self.path}:{lineno}: missing field '{key}'")
+                if not isinstance(obj[key], (str, int, float)) or isinstance(obj[key], bool):
+                    raise TaskError(f"{self.path}:{lineno}: field '{key}' must be a string or a number")
+            solution = obj.get("solution", "")
+            if not isinstance(solution, str):
+                raise TaskError(f"{self.path}:{lineno}: field 'solution' must be a string")
+            self.items.append(Problem(str(obj["question"]), str(obj["answer"]).strip(), solution))
         if not self.items:
             raise TaskError(f"{self.path}: no problems in the file")
 

@@ -3,7 +3,6 @@ loss on assistant tokens only, examples packed into rows whose attention never c
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch import Tensor
 from minir1.model import Transformer
 from minir1.prompting import r1_response
 from minir1.tasks import Task, TaskError, is_heldout
+from minir1.tasks.base import read_jsonl
 from minir1.tokenizer import THINK, Tokenizer
 
 IGNORE = -100
@@ -24,28 +24,19 @@ IGNORE = -100
 def load_chat_file(path: str | Path) -> list[list[dict[str, str]]]:
     """{"messages": [{"role": …, "content": …}, …]} a line; errors name the file and the line."""
     path = Path(path)
-    if not path.is_file():
-        raise TaskError(f"{path}: no such file")
     conversations = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
-            msgs = obj.get("messages") if isinstance(obj, dict) else None
-            if not isinstance(msgs, list) or not msgs:
-                raise TaskError(f"{path}:{lineno}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}}")
-            for j, m in enumerate(msgs):
-                if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                        or not isinstance(m.get("content"), str):
-                    raise TaskError(f"{path}:{lineno}: messages[{j}] needs a role (system, user or assistant) "
-                                    "and a string content")
-            if not any(m["role"] == "assistant" for m in msgs):
-                raise TaskError(f"{path}:{lineno}: no assistant message to learn from")
-            conversations.append(msgs)
+    for lineno, obj in read_jsonl(path):
+        msgs = obj.get("messages") if isinstance(obj, dict) else None
+        if not isinstance(msgs, list) or not msgs:
+            raise TaskError(f"{path}:{lineno}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}}")
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise TaskError(f"{path}:{lineno}: messages[{j}] needs a role (system, user or assistant) "
+                                "and a string content")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise TaskError(f"{path}:{lineno}: no assistant message to learn from")
+        conversations.append(msgs)
     if not conversations:
         raise TaskError(f"{path}: no conversations in the file")
     return conversations
