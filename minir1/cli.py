@@ -312,6 +312,76 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grpo_args(p: argparse.ArgumentParser) -> None:
+    from minir1.train.grpo import GRPOConfig
+    p.add_argument("--init", required=True, help="checkpoint to start from (an SFT model, or a base model "
+                                                 "with --template r1-zero)")
+    _stage_args(p, model_flags=False)
+    add_dataclass_flags(p, GRPOConfig, "GRPO")
+
+
+@command("grpo", "GRPO with rule-based rewards (R1-Zero style RL)")(_grpo_args)
+def grpo(args: argparse.Namespace) -> int:
+    from minir1.model import Transformer
+    from minir1.tasks import get_task
+    from minir1.tokenizer import Tokenizer
+    from minir1.train import train
+    from minir1.train.grpo import GRPOConfig, GRPOStage, make_reference
+    if not args.task:
+        raise ValueError("grpo needs --task")
+    gcfg = GRPOConfig(**dataclass_overrides(args, GRPOConfig))
+    gcfg.validate()
+    completions = gcfg.prompts_per_step * gcfg.group_size
+    steps = args.steps if args.steps is not None else 50
+    micro = args.micro_batch_size or completions
+    cfg = _train_config(args, out="runs/grpo", lr=5e-4, warmup_steps=0, schedule="constant",
+                        batch_size=completions, micro_batch_size=min(micro, completions), weight_decay=0.0,
+                        route_bias_speed=0.0)
+    cfg.steps = steps * gcfg.mu
+    cfg.batch_size = completions
+    if completions % (cfg.micro_batch_size or completions):
+        raise ValueError(f"micro_batch_size ({cfg.micro_batch_size}) must divide prompts_per_step x group_size "
+                         f"({completions})")
+    task = get_task(args.task)
+    tokenizer = Tokenizer.from_pretrained(args.init)
+    model = Transformer.from_pretrained(args.init)
+    ref = make_reference(model) if gcfg.beta > 0 else None
+    stage = GRPOStage(task, tokenizer, gcfg, cfg.micro_batch_size or completions, cfg.seed, ref_model=ref)
+    result = train(model, tokenizer, stage, cfg)
+    m = result.last_metrics
+    print(f"GRPO {steps} steps; last reward {m.get('reward_mean', float('nan')):.3f}, accuracy "
+          f"{m.get('accuracy', float('nan')):.3f}; checkpoint in {result.out}")
+    return 0
+
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    _ckpt_args(p)
+    p.add_argument("--task", required=True)
+    p.add_argument("--n", type=int, default=100, help="training problems to sample")
+    p.add_argument("--samples", type=int, default=4, help="completions per problem")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--template", default="chat", choices=["chat", "r1-zero"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="a .jsonl file of verified chat examples, for `minir1 sft --data`")
+
+
+@command("sample", "rejection sampling: keep verified, well-formatted completions as SFT data")(_sample_args)
+def sample_cmd(args: argparse.Namespace) -> int:
+    from minir1.tasks import get_task
+    from minir1.train.grpo import rejection_sample, write_jsonl
+    if args.n < 1 or args.samples < 1:
+        raise ValueError(f"--n ({args.n}) and --samples ({args.samples}) must be >= 1")
+    task = get_task(args.task)
+    model, tokenizer = load_for_inference(args.ckpt, args.device)
+    rows = rejection_sample(model, tokenizer, task, args.n, args.samples, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, template=args.template, seed=args.seed)
+    write_jsonl(rows, args.out)
+    print(f"kept {len(rows)} of {args.n * args.samples} completions ({len(rows) / (args.n * args.samples):.0%}); "
+          f"written to {args.out}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:

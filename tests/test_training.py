@@ -264,3 +264,10 @@ def test_pretrain_then_sft_reaches_clearly_nonzero_heldout_accuracy(tmp_path, ca
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["problems"] == 60 and result["format_rate"] > 0.3
     assert result["pass@1"] >= 0.1, result
+    # Rejection sampling from that model gives SFT data that `minir1 sft --data` trains on as it is.
+    assert main(["sample", "--ckpt", str(tmp_path / "sft"), "--task", task, "--n", "40", "--samples", "4",
+                 "--max-new-tokens", "64", "--out", str(tmp_path / "samples.jsonl")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert rows and all(r["messages"][1]["content"].startswith("<think>") for r in rows)
+    assert main(["sft", "--init", str(tmp_path / "sft"), "--data", str(tmp_path / "samples.jsonl"), "--steps", "3",
+                 "--out", str(tmp_path / "rs_sft"), *common]) == 0

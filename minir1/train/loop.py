@@ -287,6 +287,8 @@ def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConf
     _truncate_metrics(out / METRICS, start)
     _write_json(out / TRAIN_CONFIG, {"stage": stage.name, "model": model.config.to_dict(), "train": asdict(cfg),
                                      stage.name: stage.config()})
+    if hasattr(stage, "bind"):  # stages that generate (GRPO) need the policy itself
+        stage.bind(model)
     forward_model = torch.compile(model) if cfg.compile else model
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else nullcontext())
     writer = None
@@ -338,6 +340,8 @@ def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConf
             dt = time.perf_counter() - t0
             last = {"step": step + 1, "loss": total_loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
                     "tokens_per_s": tokens / dt, **stage_metrics}
+            if hasattr(stage, "step_metrics"):  # per-step figures of stages that generate (rewards, times)
+                last.update(stage.step_metrics())
             if imbalance is not None:
                 last["load_imbalance"] = [round(float(x), 4) for x in imbalance]
                 last["load_imbalance_max"] = float(imbalance.max())

@@ -1,0 +1,411 @@
+"""GRPO: Group Relative Policy Optimization with rule-based rewards (DeepSeekMath §4.1; R1 §2.2, eq. 1-3),
+plus the variants that later work found useful (Dr. GRPO, DAPO), and rejection sampling (R1 §2.3.3).
+
+This file holds GRPO's data (rollouts from the engine, scored by the rewards) and its loss; the
+optimizer, schedule, logging and checkpoints are the shared loop's. One GRPO step = one batch of
+P prompts × G completions, then μ optimizer steps over it (`mu`), each accumulated over micro-batches.
+
+The loss of one completion token t (importance ratio r = π_θ / π_old, advantage A of its completion):
+
+    -min(r·A, clip(r, 1 - ε_low, 1 + ε_high)·A) + β·KL_k3(π_θ ‖ π_ref)
+
+aggregated as `grpo` (mean over each completion's tokens, then over completions), `dr_grpo` (sum over
+tokens / (G·P·max_new_tokens)) or `dapo` (sum over tokens / completion tokens in the batch).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from minir1.engine import Completion, Engine, SamplingParams
+from minir1.model import Transformer
+from minir1.prompting import build_prompt
+from minir1.rewards import accuracy_reward, format_reward, safe_reward
+from minir1.tasks import Problem, Task
+from minir1.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+LOSSES = ("grpo", "dr_grpo", "dapo")
+LOG_RATIO_CLAMP = 20.0  # keeps exp() of the KL term finite
+
+
+@dataclass
+class GRPOConfig:
+    prompts_per_step: int = 8          # P
+    group_size: int = 8                # G
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    loss: str = "grpo"                 # grpo | dr_grpo | dapo
+    beta: float = 0.0                  # KL weight toward the frozen reference model
+    mu: int = 1                        # optimisation passes over each batch
+    epsilon: float = 0.2               # ε_low
+    epsilon_high: float | None = None  # ε_high (DAPO's clip-higher); None = epsilon
+    scale_rewards: bool = True         # divide advantages by the group's std (False: Dr. GRPO)
+    dynamic_sampling: bool = False     # DAPO: drop groups whose rewards are all equal, draw more
+    max_sampling_rounds: int = 4
+    overlong: str = "mask"             # truncated completions: mask (out of the loss) | penalty (DAPO soft) | keep
+    overlong_buffer: int = 32          # the soft penalty's ramp, in tokens before max_new_tokens
+    format_weight: float = 0.1
+    accuracy_weight: float = 1.0
+    template: str = "chat"             # chat | r1-zero
+    eval_every: int = 0                # GRPO steps between held-out evaluations (0 = none)
+    eval_n: int = 50
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss ({self.loss!r}) must be one of {', '.join(LOSSES)}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size ({self.group_size}) must be >= 2: advantages compare within a group")
+        if self.prompts_per_step < 1 or self.mu < 1 or self.max_new_tokens < 1:
+            raise ValueError("prompts_per_step, mu and max_new_tokens must be >= 1")
+        if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            raise ValueError("epsilon and epsilon_high must be > 0")
+        if self.overlong not in ("mask", "penalty", "keep"):
+            raise ValueError(f"overlong ({self.overlong!r}) must be mask, penalty or keep")
+        if self.beta < 0:
+            raise ValueError(f"beta ({self.beta}) must be >= 0")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature ({self.temperature}) must be > 0: a group of identical greedy "
+                             "completions has no advantage to learn from")
+
+
+# --------------------------------------------------------------------------------------------------
+# Advantages and the loss (pure functions: tested against hand-computed values)
+# --------------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: Tensor, group_ids: Tensor, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """(r - mean of its group) / (std of its group + eps), or without the division (Dr. GRPO)."""
+    n_groups = int(group_ids.max()) + 1
+    counts = torch.zeros(n_groups).index_add_(0, group_ids, torch.ones_like(rewards))
+    means = torch.zeros(n_groups).index_add_(0, group_ids, rewards) / counts
+    centred = rewards - means[group_ids]
+    if not scale:
+        return centred
+    var = torch.zeros(n_groups).index_add_(0, group_ids, centred ** 2) / (counts - 1).clamp_min(1)
+    return centred / (var.sqrt()[group_ids] + eps)
+
+
+@dataclass
+class LossParts:
+    loss: Tensor
+    kl: Tensor
+    clip_low: Tensor
+    clip_high: Tensor
+
+
+def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, loss_type: str = "grpo",
+              epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
+              ref_logp: Tensor | None = None, max_new_tokens: int | None = None,
+              n_completions: int | None = None, n_tokens: int | float | None = None) -> LossParts:
+    """logp, old_logp, ref_logp, mask: [N, T] per completion token; advantages: [N].
+
+    For micro-batching, pass the whole batch's `n_completions` (grpo, dr_grpo) and `n_tokens` (dapo):
+    the micro-batch losses then add up to the batch loss.
+    """
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    a = advantages[:, None]
+    unclipped, clipped = ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + eps_high) * a
+    per_token = -torch.minimum(unclipped, clipped)
+    kl = torch.zeros_like(per_token)
+    if beta > 0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp")
+        log_ratio = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl = torch.exp(log_ratio) - log_ratio - 1  # k3, an unbiased, non-negative estimator
+        per_token = per_token + beta * kl
+    n = n_completions if n_completions is not None else logp.shape[0]
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1)).sum() / n
+    elif loss_type == "dr_grpo":
+        if max_new_tokens is None:
+            raise ValueError("dr_grpo needs max_new_tokens")
+        loss = (per_token * mask).sum() / (n * max_new_tokens)
+    elif loss_type == "dapo":
+        total = n_tokens if n_tokens is not None else mask.sum()
+        loss = (per_token * mask).sum() / max(float(total), 1.0)
+    else:
+        raise ValueError(f"unknown loss {loss_type!r}")
+    tokens = mask.sum().clamp_min(1)
+    low = ((ratio < 1 - epsilon) & (a < 0)).to(mask.dtype)
+    high = ((ratio > 1 + eps_high) & (a > 0)).to(mask.dtype)
+    return LossParts(loss, (kl * mask).sum() / tokens, (low * mask).sum() / tokens, (high * mask).sum() / tokens)
+
+
+def completion_logprobs(model: Transformer, ids: Tensor, prompt_lens: Tensor, comp_len: int,
+                        temperature: float) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of the completion tokens under softmax(logits / temperature) — the same
+    distribution as the engine's logprobs — and the per-token entropy. ids [N, L] hold each prompt then
+    its completion, right-padded; returns [N, comp_len]."""
+    logits = model(ids[:, :-1])
+    N = ids.shape[0]
+    index = prompt_lens[:, None] - 1 + torch.arange(comp_len, device=ids.device)[None]   # predicting positions
+    index = index.clamp_max(logits.shape[1] - 1)
+    picked = logits.gather(1, index[..., None].expand(N, comp_len, logits.shape[-1])).float()
+    logp_all = (picked / (temperature if temperature > 0 else 1.0)).log_softmax(-1)
+    targets = ids.gather(1, (index + 1).clamp_max(ids.shape[1] - 1))
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(-1, targets[..., None]).squeeze(-1), entropy.detach()
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollouts
+# --------------------------------------------------------------------------------------------------
+
+RewardFn = Callable[[str, str, Any], float]
+
+
+@dataclass
+class Rollouts:
+    ids: Tensor                  # [N, L] prompt + completion, right-padded
+    prompt_lens: Tensor          # [N]
+    mask: Tensor                 # [N, C] completion tokens that count in the loss
+    advantages: Tensor           # [N]
+    old_logp: Tensor | None = None
+    ref_logp: Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def soft_overlong_penalty(length: int, max_new_tokens: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment: 0 up to max - buffer, then down linearly to -1 at the maximum."""
+    start = max_new_tokens - buffer
+    return 0.0 if length <= start else max(-1.0, (start - length) / max(buffer, 1))
+
+
+class GRPOStage:
+    name = "grpo"
+
+    def __init__(self, task: Task, tokenizer: Tokenizer, cfg: GRPOConfig, micro_batch_size: int, seed: int = 0,
+                 reward_fns: dict[str, RewardFn] | None = None, ref_model: Transformer | None = None) -> None:
+        cfg.validate()
+        self.task, self.tokenizer, self.cfg, self.seed = task, tokenizer, cfg, seed
+        self.micro_batch_size = micro_batch_size
+        self.reward_fns = reward_fns or {
+            "format": lambda response, answer, task: format_reward(response),
+            "accuracy": lambda response, answer, task: accuracy_reward(response, answer, task),
+        }
+        self.weights = {"format": cfg.format_weight, "accuracy": cfg.accuracy_weight}
+        self.ref_model = ref_model
+        self.problems = task.problems("train", seed)
+        self._rollouts: Rollouts | None = None
+        self._generation = -1
+        self._step_start = 0.0
+        self._eval: dict[str, float] = {}
+
+    # -- scoring -------------------------------------------------------------------------------------------
+    def score(self, responses: Sequence[str], problems: Sequence[Problem]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Combined reward per response: the weighted mean of the reward functions, where accuracy only
+        counts with a valid format. A reward that raises or is not finite scores 0 (logged)."""
+        parts = {name: torch.tensor([safe_reward(fn, r, p.answer, self.task) for r, p in zip(responses, problems)])
+                 for name, fn in self.reward_fns.items()}
+        total = sum(self.weights.get(k, 1.0) for k in parts) or 1.0
+        combined = torch.zeros(len(responses))
+        for name, values in parts.items():
+            if name == "accuracy" and "format" in parts:
+                values = values * (parts["format"] == 1.0)
+            combined += self.weights.get(name, 1.0) * values
+        return combined / total, parts
+
+    # -- one batch of rollouts -----------------------------------------------------------------------------
+    def rollout(self, model: Transformer, generation: int) -> Rollouts:
+        cfg, G = self.cfg, self.cfg.group_size
+        t0 = time.perf_counter()
+        engine = Engine(model, self.tokenizer)
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                n=G, seed=hash((self.seed, generation)) % 2**62)
+        kept: list[tuple[Problem, list[int], str, list[Completion], Tensor, dict[str, Tensor]]] = []
+        generate_s = score_s = 0.0
+        groups_seen = zero_std = 0
+        for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+            need = cfg.prompts_per_step - len(kept)
+            if need <= 0:
+                break
+            problems = [next(self.problems) for _ in range(need)]
+            prompts = [build_prompt(self.tokenizer, p.question, cfg.template) for p in problems]
+            t = time.perf_counter()
+            params.seed = (params.seed + round_) % 2**62
+            outs = engine.generate([ids for ids, _ in prompts], params)
+            generate_s += time.perf_counter() - t
+            t = time.perf_counter()
+            for i, p in enumerate(problems):
+                group = outs[i * G:(i + 1) * G]
+                responses = [prompts[i][1] + c.text for c in group]
+                rewards, parts = self.score(responses, [p] * G)
+                if cfg.overlong == "penalty":
+                    rewards = rewards + torch.tensor([soft_overlong_penalty(len(c.token_ids), cfg.max_new_tokens,
+                                                                            cfg.overlong_buffer) for c in group])
+                groups_seen += 1
+                flat = bool((rewards == rewards[0]).all())
+                zero_std += flat
+                if cfg.dynamic_sampling and flat:
+                    continue
+                kept.append((p, prompts[i][0], prompts[i][1], group, rewards, parts))
+            score_s += time.perf_counter() - t
+        if not kept:
+            raise RuntimeError("dynamic sampling found no group with differing rewards; raise max_sampling_rounds")
+        completions = [c for k in kept for c in k[3]]
+        rewards = torch.cat([k[4] for k in kept])
+        group_ids = torch.arange(len(kept)).repeat_interleave(G)
+        advantages = group_advantages(rewards, group_ids, cfg.scale_rewards)
+        comp_len = max(max(len(c.token_ids) for c in completions), 1)
+        prompt_lens = torch.tensor([len(k[1]) for k in kept]).repeat_interleave(G)
+        L = int(prompt_lens.max()) + comp_len
+        ids = torch.full((len(completions), L), self.tokenizer.pad_id or 0, dtype=torch.long)
+        mask = torch.zeros(len(completions), comp_len)
+        truncated = torch.tensor([c.finish_reason == "length" for c in completions])
+        for row, c in enumerate(completions):
+            prompt = kept[row // G][1]
+            ids[row, :len(prompt)] = torch.tensor(prompt)
+            ids[row, len(prompt):len(prompt) + len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
+            if not (cfg.overlong == "mask" and truncated[row]):
+                mask[row, :len(c.token_ids)] = 1
+        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float)
+        parts = {k: torch.cat([kk[5][k] for kk in kept]) for k in kept[0][5]}
+        metrics = {"reward_mean": float(rewards.mean()),
+                   "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+                   **{f"reward_{k}": float(v.mean()) for k, v in parts.items()},
+                   "accuracy": float(parts["accuracy"].mean()) if "accuracy" in parts else float("nan"),
+                   "format_rate": float(parts["format"].mean()) if "format" in parts else float("nan"),
+                   "zero_std_groups": zero_std / max(groups_seen, 1), "groups": len(kept),
+                   "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
+                   "truncated_frac": float(truncated.float().mean()),
+                   "generate_s": generate_s, "score_s": score_s,
+                   "completion_tokens_per_s": float(lengths.sum()) / max(time.perf_counter() - t0, 1e-9)}
+        return Rollouts(ids, prompt_lens, mask, advantages, metrics=metrics)
+
+    def _reference_logp(self, model: Transformer, ro: Rollouts, comp_len: int) -> tuple[Tensor | None, Tensor | None]:
+        """Old-policy log-probs (when μ > 1) and reference log-probs (when β > 0), micro-batch by micro-batch."""
+        device = next(model.parameters()).device
+        old = ref = None
+        was_training = model.training
+        with torch.no_grad():
+            if self.cfg.mu > 1:
+                model.eval()
+                old = torch.cat([completion_logprobs(model, ro.ids[s].to(device), ro.prompt_lens[s].to(device),
+                                                     comp_len, self.cfg.temperature)[0].cpu()
+                                 for s in self._slices(ro)])
+                model.train(was_training)
+            if self.cfg.beta > 0 and self.ref_model is not None:
+                self.ref_model.to(device)
+                ref = torch.cat([completion_logprobs(self.ref_model, ro.ids[s].to(device), ro.prompt_lens[s].to(device),
+                                                     comp_len, self.cfg.temperature)[0].cpu()
+                                 for s in self._slices(ro)])
+        return old, ref
+
+    def _slices(self, ro: Rollouts) -> list[slice]:
+        n = ro.ids.shape[0]
+        return [slice(i, min(i + self.micro_batch_size, n)) for i in range(0, n, self.micro_batch_size)]
+
+    # -- the Stage protocol ------------------------------------------------------------------------------
+    def batch(self, step: int, micro: int, n_micro: int) -> tuple[Rollouts, slice, int]:
+        generation = step // self.cfg.mu
+        if generation != self._generation:
+            self._step_start = time.perf_counter()
+            model = self._model
+            self._rollouts = self.rollout(model, generation)
+            comp_len = self._rollouts.mask.shape[1]
+            self._rollouts.old_logp, self._rollouts.ref_logp = self._reference_logp(model, self._rollouts, comp_len)
+            self._generation = generation
+            self._eval = {}
+            if self.cfg.eval_every and (generation + 1) % self.cfg.eval_every == 0:
+                from minir1.evaluate import EvalConfig, evaluate
+                res = evaluate(model, self.tokenizer, self.task,
+                               EvalConfig(n=self.cfg.eval_n, max_new_tokens=self.cfg.max_new_tokens,
+                                          template=self.cfg.template, seed=self.seed))
+                self._eval = {"eval_pass@1": res["pass@1"], "eval_format_rate": res["format_rate"]}
+        slices = self._slices(self._rollouts)
+        n = self._rollouts.ids.shape[0]  # dynamic sampling may leave fewer completions than micro-batches
+        return self._rollouts, slices[micro] if micro < len(slices) else slice(n, n), n_micro
+
+    def bind(self, model: Transformer) -> None:
+        """The policy whose rollouts this stage generates (the loop's model)."""
+        self._model = model
+
+    def loss(self, model: Transformer, batch: tuple[Rollouts, slice, int]) -> tuple[Tensor, dict[str, float], int]:
+        ro, s, n_micro = batch
+        device = next(model.parameters()).device
+        if s.start >= ro.ids.shape[0]:
+            return torch.zeros((), device=device, requires_grad=True), {}, 0
+        comp_len = ro.mask.shape[1]
+        logp, entropy = completion_logprobs(model, ro.ids[s].to(device), ro.prompt_lens[s].to(device), comp_len,
+                                            self.cfg.temperature)
+        mask = ro.mask[s].to(device)
+        old = ro.old_logp[s].to(device) if ro.old_logp is not None else logp.detach()  # μ = 1: ratio exactly 1
+        ref = ro.ref_logp[s].to(device) if ro.ref_logp is not None else None
+        n = ro.ids.shape[0]
+        parts = grpo_loss(logp, old, ro.advantages[s].to(device), mask, loss_type=self.cfg.loss,
+                          epsilon=self.cfg.epsilon, epsilon_high=self.cfg.epsilon_high, beta=self.cfg.beta,
+                          ref_logp=ref, max_new_tokens=self.cfg.max_new_tokens, n_completions=n,
+                          n_tokens=float(ro.mask.sum()))
+        # The loop averages micro-batch losses; these already add up to the batch loss, so undo the average.
+        tokens = float(mask.sum().clamp_min(1))
+        metrics = {"entropy": float((entropy * mask).sum() / tokens), "kl": float(parts.kl.detach()),
+                   "clip_low": float(parts.clip_low), "clip_high": float(parts.clip_high)}
+        return parts.loss * n_micro, metrics, int(ro.ids[s].numel())
+
+    def step_metrics(self) -> dict[str, float]:
+        assert self._rollouts is not None
+        m = dict(self._rollouts.metrics)
+        m["step_s"] = time.perf_counter() - self._step_start
+        m["train_s"] = m["step_s"] - m["generate_s"] - m["score_s"]
+        return {**m, **self._eval}
+
+    def config(self) -> dict[str, Any]:
+        return {"task": getattr(self.task, "spec", self.task.name), **asdict(self.cfg)}
+
+
+def make_reference(model: Transformer) -> Transformer:
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+# --------------------------------------------------------------------------------------------------
+# Rejection sampling (R1 §2.3.3)
+# --------------------------------------------------------------------------------------------------
+
+
+def rejection_sample(model: Transformer, tokenizer: Tokenizer, task: Task, n: int, samples: int, *,
+                     max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95,
+                     template: str = "chat", seed: int = 0) -> list[dict[str, Any]]:
+    """Sample `samples` responses to each of `n` training problems; keep those whose format is valid and
+    whose answer verifies, without duplicates, as SFT chat examples ({"messages": [...]})."""
+    problems = task.take(n, "train", seed)
+    prompts = [build_prompt(tokenizer, p.question, template) for p in problems]
+    outs = Engine(model, tokenizer).generate([ids for ids, _ in prompts], SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=samples, seed=seed))
+    kept, seen = [], set()
+    for c in outs:
+        p = problems[c.prompt_index]
+        response = prompts[c.prompt_index][1] + c.text
+        if format_reward(response) != 1.0 or accuracy_reward(response, p.answer, task) != 1.0:
+            continue
+        key = (c.prompt_index, response.strip())
+        if key in seen:
+            continue
+        seen.add(key)
+        kept.append({"messages": [{"role": "user", "content": p.question},
+                                  {"role": "assistant", "content": response.strip()}]})
+    return kept
+
+
+def write_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp.replace(path)
