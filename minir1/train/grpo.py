@@ -199,7 +199,6 @@ class GRPOStage:
         }
         self.weights = {"format": cfg.format_weight, "accuracy": cfg.accuracy_weight}
         self.ref_model = ref_model
-        self.problems = task.problems("train", seed)
         self._rollouts: Rollouts | None = None
         self._generation = -1
         self._step_start = 0.0
@@ -233,7 +232,8 @@ class GRPOStage:
             need = cfg.prompts_per_step - len(kept)
             if need <= 0:
                 break
-            problems = [next(self.problems) for _ in range(need)]
+            # Problems are a function of (seed, generation, round): a resumed run draws the same ones.
+            problems = self.task.take(need, "train", seed=hash((self.seed, generation, round_)) % 2**31)
             prompts = [build_prompt(self.tokenizer, p.question, cfg.template) for p in problems]
             t = time.perf_counter()
             params.seed = (params.seed + round_) % 2**62
