@@ -276,15 +276,22 @@ def sft(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_args(p: argparse.ArgumentParser) -> None:
+def _task_sampling_args(p: argparse.ArgumentParser, n_help: str, samples: int, samples_help: str,
+                        temperature: float | None, temperature_help: str) -> None:
+    """Flags shared by the commands that sample a checkpoint on a task's problems (eval, sample)."""
     _ckpt_args(p)
     p.add_argument("--task", required=True)
-    p.add_argument("--n", type=int, default=100, help="held-out problems")
-    p.add_argument("--samples", type=int, default=1, help="K completions per problem (pass@K, maj@K)")
+    p.add_argument("--n", type=int, default=100, help=n_help)
+    p.add_argument("--samples", type=int, default=samples, help=samples_help)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=None, help="default: 0 for one sample, 0.6 for several")
+    p.add_argument("--temperature", type=float, default=temperature, help=temperature_help)
     p.add_argument("--template", default="chat", choices=["chat", "r1-zero"])
     p.add_argument("--seed", type=int, default=0)
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _task_sampling_args(p, "held-out problems", 1, "K completions per problem (pass@K, maj@K)", None,
+                        "default: 0 for one sample, 0.6 for several")
     p.add_argument("--out", help="write the results as JSON here (default: <ckpt>/eval_<task>.json)")
 
 
@@ -355,14 +362,7 @@ def grpo(args: argparse.Namespace) -> int:
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
-    _ckpt_args(p)
-    p.add_argument("--task", required=True)
-    p.add_argument("--n", type=int, default=100, help="training problems to sample")
-    p.add_argument("--samples", type=int, default=4, help="completions per problem")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--template", default="chat", choices=["chat", "r1-zero"])
-    p.add_argument("--seed", type=int, default=0)
+    _task_sampling_args(p, "training problems to sample", 4, "completions per problem", 0.7, "sampling temperature")
     p.add_argument("--out", required=True, help="a .jsonl file of verified chat examples, for `minir1 sft --data`")
 
 
