@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -271,3 +272,12 @@ def test_pretrain_then_sft_reaches_clearly_nonzero_heldout_accuracy(tmp_path, ca
     assert rows and all(r["messages"][1]["content"].startswith("<think>") for r in rows)
     assert main(["sft", "--init", str(tmp_path / "sft"), "--data", str(tmp_path / "samples.jsonl"), "--steps", "3",
                  "--out", str(tmp_path / "rs_sft"), *common]) == 0
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(tiny_tokenizer, tmp_path):
+    model = small_model(tiny_tokenizer)
+    stage = PretrainStage(get_task(TASK), tiny_tokenizer, seq_len=32, micro_batch_size=2)
+    cfg = TrainConfig(out=str(tmp_path), steps=3, batch_size=2, seq_len=32, dtype="bf16", progress=False)
+    result = train(model, tiny_tokenizer, stage, cfg)
+    assert math.isfinite(result.last_metrics["loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
