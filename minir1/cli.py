@@ -309,9 +309,9 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
                                                        max_new_tokens=args.max_new_tokens,
                                                        temperature=args.temperature, template=args.template))
     k = args.samples
+    at_k = f"pass@{k} {res[f'pass@{k}']:.3f}  maj@{k} {res[f'maj@{k}']:.3f}  " if k > 1 else ""
     print(f"{res['task']}: {res['problems']} held-out problems x {k} sample(s): pass@1 {res['pass@1']:.3f}  "
-          f"pass@{k} {res[f'pass@{k}']:.3f}  maj@{k} {res[f'maj@{k}']:.3f}  format {res['format_rate']:.3f}  "
-          f"mean length {res['mean_completion_tokens']:.1f} tokens")
+          f"{at_k}format {res['format_rate']:.3f}  mean length {res['mean_completion_tokens']:.1f} tokens")
     safe = "".join(ch if ch.isalnum() else "_" for ch in args.task.split(":")[0])
     out = Path(args.out) if args.out else Path(args.ckpt) / f"eval_{safe}.json"
     out.write_text(json.dumps(res, indent=2) + "\n")
