@@ -226,6 +226,9 @@ def test_sft_on_a_chat_file_through_the_cli(tokenizer_dir, tmp_path):
     (["sft", "--init", "/nonexistent"], "exactly one of --task NAME or --data FILE.jsonl"),
     (["eval", "--ckpt", "/nonexistent", "--task", "arithmetic"], "/nonexistent does not exist"),
     (["eval", "--ckpt", "/nonexistent", "--task", "arithmetic", "--n", "0"], "--n (0)"),
+    (["grpo", "--init", "/nonexistent", "--task", "arithmetic", "--loss", "ppo"], "loss ('ppo') must be one of"),
+    (["grpo", "--init", "/nonexistent", "--task", "arithmetic"], "/nonexistent does not exist"),
+    (["sample", "--ckpt", "/nonexistent", "--task", "nope", "--out", "x.jsonl"], "unknown task 'nope'"),
 ])
 def test_bad_input_to_commands(args, message):
     res = run_cli(*args)
