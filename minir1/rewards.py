@@ -95,27 +95,25 @@ def parse_number(text: str) -> Fraction | None:
     return Fraction(s)
 
 
-def _latex_equal(response: str, answer: str, timeout_s: float = 2.0) -> bool:
-    """math-verify's verdict, in a worker thread so that a pathological input cannot hang the caller."""
+def _latex_equal(response: str, answer: str, timeout_s: int = 2) -> bool:
+    """math-verify's verdict under its own time limit. The limit uses SIGALRM, so it only works in the
+    main thread; elsewhere LaTeX answers are not compared (a worker thread could not be stopped, and a
+    pathological expression would keep burning CPU long after the reward returned)."""
+    if len(response) > MAX_LATEX_CHARS or len(answer) > MAX_LATEX_CHARS:
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        return False
     try:
         from math_verify import parse, verify
     except ImportError:
         return False
-    if len(response) > MAX_LATEX_CHARS or len(answer) > MAX_LATEX_CHARS:
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    try:
+        gold = parse(f"${answer}$", parsing_timeout=timeout_s)
+        pred = parse(f"${response}$", parsing_timeout=timeout_s)
+        return bool(gold and pred and verify(gold, pred, timeout_seconds=timeout_s))
+    except Exception:  # math-verify's own time-out, or anything the parser throws
         return False
-    result: list[bool] = []
-
-    def work() -> None:
-        try:
-            gold = parse(f"${answer}$", parsing_timeout=None)
-            pred = parse(f"${response}$", parsing_timeout=None)
-            result.append(bool(gold and pred and verify(gold, pred, timeout_seconds=None)))
-        except Exception:
-            result.append(False)
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    return bool(result and result[0])
 
 
 def normalise_text(s: str) -> str:
