@@ -106,10 +106,6 @@ class LatentCache:
         self._mask: Tensor | None = None
         self._span = 0
 
-    @staticmethod
-    def bytes_per_token(n_layers: int, kv_rank: int, rope_dim: int, bytes_per_value: int) -> int:
-        return n_layers * (kv_rank + rope_dim) * bytes_per_value
-
     def set_positions(self, positions: Tensor) -> None:
         """positions [B, T]: where this forward's tokens go; builds the attention mask once per step."""
         self.positions = positions

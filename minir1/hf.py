@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from minir1.model import ConfigError, ModelConfig, Transformer
+from minir1.model import YARN_KEYS, ConfigError, ModelConfig, Transformer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -116,7 +116,7 @@ def config_from_hf(d: dict[str, Any], source: str = CONFIG_FILE) -> ModelConfig:
         if kind != "default" and d.get("rope_scaling") is None:
             d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
     if isinstance(d.get("rope_scaling"), dict):
-        rs = {k: v for k, v in d["rope_scaling"].items() if k in (*_YARN_KEYS, "type", "rope_type")}
+        rs = {k: v for k, v in d["rope_scaling"].items() if k in (*YARN_KEYS, "type", "rope_type")}
         rs["type"] = rs.pop("rope_type", rs.get("type", "yarn"))
         d["rope_scaling"] = rs
     if isinstance(d.get("eos_token_id"), list):  # several EOS ids: the first is the model's own
@@ -129,18 +129,11 @@ def config_from_hf(d: dict[str, Any], source: str = CONFIG_FILE) -> ModelConfig:
         value = d.get(f.name, HF_DEFAULTS.get(f.name))
         _check_type(f.name, value, hints[f.name], source)
         kwargs[f.name] = value
-    try:
-        config = ModelConfig.__new__(ModelConfig)
-        config.__dict__.update(kwargs, model_type="deepseek_v3")
-        config.validate(source)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:  # pragma: no cover - validate() checks types first
-        raise ConfigError(f"{source}: {e}") from e
+    # Built without __post_init__ so that the one validation names the file.
+    config = ModelConfig.__new__(ModelConfig)
+    config.__dict__.update(kwargs, model_type="deepseek_v3")
+    config.validate(source)
     return config
-
-
-_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 
 
 def read_config(path: Path) -> ModelConfig:

@@ -19,7 +19,7 @@ K experts per token, N = B*T flattened tokens, V vocabulary, C kv_lora_rank, R q
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,10 +173,6 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
