@@ -289,6 +289,16 @@ def _task_sampling_args(p: argparse.ArgumentParser, n_help: str, samples: int, s
     p.add_argument("--seed", type=int, default=0)
 
 
+def _task_and_checkpoint(args: argparse.Namespace):
+    """(task, model, tokenizer) for the commands declared with _task_sampling_args, flags checked first."""
+    from minir1.tasks import get_task
+    if args.n < 1 or args.samples < 1:
+        raise ValueError(f"--n ({args.n}) and --samples ({args.samples}) must be >= 1")
+    task = get_task(args.task)
+    model, tokenizer = load_for_inference(args.ckpt, args.device)
+    return task, model, tokenizer
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     _task_sampling_args(p, "held-out problems", 1, "K completions per problem (pass@K, maj@K)", None,
                         "default: 0 for one sample, 0.6 for several")
@@ -300,11 +310,7 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from minir1.evaluate import EvalConfig, evaluate
-    from minir1.tasks import get_task
-    if args.n < 1 or args.samples < 1:
-        raise ValueError(f"--n ({args.n}) and --samples ({args.samples}) must be >= 1")
-    task = get_task(args.task)
-    model, tokenizer = load_for_inference(args.ckpt, args.device)
+    task, model, tokenizer = _task_and_checkpoint(args)
     res = evaluate(model, tokenizer, task, EvalConfig(n=args.n, samples=args.samples, seed=args.seed,
                                                        max_new_tokens=args.max_new_tokens,
                                                        temperature=args.temperature, template=args.template))
@@ -368,12 +374,8 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 
 @command("sample", "rejection sampling: keep verified, well-formatted completions as SFT data")(_sample_args)
 def sample_cmd(args: argparse.Namespace) -> int:
-    from minir1.tasks import get_task
     from minir1.train.grpo import rejection_sample, write_jsonl
-    if args.n < 1 or args.samples < 1:
-        raise ValueError(f"--n ({args.n}) and --samples ({args.samples}) must be >= 1")
-    task = get_task(args.task)
-    model, tokenizer = load_for_inference(args.ckpt, args.device)
+    task, model, tokenizer = _task_and_checkpoint(args)
     rows = rejection_sample(model, tokenizer, task, args.n, args.samples, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, template=args.template, seed=args.seed)
     write_jsonl(rows, args.out)
