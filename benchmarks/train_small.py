@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_step import cpu_has_native_bf16, matmul_peak, step_fn, time_steps, train_flops_per_token  # noqa: E402
+from train_step import cpu_has_native_bf16, interleaved_times, matmul_peak, step_fn, train_flops_per_token  # noqa: E402
 
 from minir1 import ModelConfig, Transformer  # noqa: E402
 
@@ -59,12 +59,7 @@ def main() -> None:
         repeats = args.repeats if dtype_name == "fp32" else 3
         batch = torch.randint(0, 4096, (batch_size, args.seq + 1))
         fns = {k: step_fn(m.train(), m, batch, dtype) for k, m in ms.items()}
-        for f in fns.values():
-            f()
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(repeats):
-            for k, f in fns.items():
-                times[k].append(time_steps(f, steps))
+        times = interleaved_times(fns, repeats, steps, warmup=1)
         tokens = batch_size * args.seq
         for k in fns:
             tps = tokens / statistics.median(times[k])

@@ -83,6 +83,19 @@ def time_steps(step, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
+def interleaved_times(fns: dict, repeats: int, steps: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per step of each function, the functions taking turns in every repeat (so that machine
+    noise hits all of them alike)."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            times[k].append(time_steps(f, steps))
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
@@ -113,13 +126,7 @@ def main() -> None:
         peak = matmul_peak(dtype)
         steps = {"minir1": step_fn(ours, ours, batch, dtype),
                  "transformers": step_fn(theirs, lambda x: theirs(x).logits, batch, dtype)}
-        for s in steps.values():  # warm-up
-            s()
-            s()
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        for _ in range(args.repeats):
-            for k, s in steps.items():
-                times[k].append(time_steps(s, args.steps if name == "fp32" else args.bf16_steps))
+        times = interleaved_times(steps, args.repeats, args.steps if name == "fp32" else args.bf16_steps)
         med = {k: statistics.median(v) for k, v in times.items()}
         ratios = [b / a for a, b in zip(times["minir1"], times["transformers"])]
         row = {k: {"tokens_per_s": tokens / med[k], "mfu": tokens / med[k] * flops / peak} for k in med}
