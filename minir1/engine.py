@@ -109,6 +109,8 @@ class LatentCache:
     def set_positions(self, positions: Tensor) -> None:
         """positions [B, T]: where this forward's tokens go; builds the attention mask once per step."""
         self.positions = positions
+        B, T = positions.shape
+        self._rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)  # shared by every layer
         self._span = int(positions.max()) + 1
         keys = torch.arange(self._span, device=positions.device)
         hidden = keys > positions[..., None]                                      # [B, T, S]
@@ -129,8 +131,7 @@ class LatentCache:
         """
         B, T, H, _ = q_nope.shape
         kv = self.kv[layer]
-        rows = torch.arange(B, device=kv.device)[:, None].expand(B, T)
-        kv[rows, self.positions] = torch.cat((latent, rope_key), dim=-1).to(kv.dtype)
+        kv[self._rows, self.positions] = torch.cat((latent, rope_key), dim=-1).to(kv.dtype)
         w = attn.kv_b_proj.weight.view(H, attn.nope_dim + attn.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, :attn.nope_dim], w[:, attn.nope_dim:]                  # [H, nope, C], [H, v, C]
         q_latent = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)  # [H, B*T, C]

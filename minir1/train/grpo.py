@@ -288,21 +288,20 @@ class GRPOStage:
 
     def _reference_logp(self, model: Transformer, ro: Rollouts, comp_len: int) -> tuple[Tensor | None, Tensor | None]:
         """Old-policy log-probs (when μ > 1) and reference log-probs (when β > 0), micro-batch by micro-batch."""
+        def logp_of(policy: Transformer) -> Tensor:
+            return torch.cat([completion_logprobs(policy, ro.ids[s].to(device), ro.prompt_lens[s].to(device),
+                                                  comp_len, self.cfg.temperature)[0].cpu() for s in self._slices(ro)])
+
         device = next(model.parameters()).device
         old = ref = None
-        was_training = model.training
         with torch.no_grad():
             if self.cfg.mu > 1:
+                was_training = model.training
                 model.eval()
-                old = torch.cat([completion_logprobs(model, ro.ids[s].to(device), ro.prompt_lens[s].to(device),
-                                                     comp_len, self.cfg.temperature)[0].cpu()
-                                 for s in self._slices(ro)])
+                old = logp_of(model)
                 model.train(was_training)
             if self.cfg.beta > 0 and self.ref_model is not None:
-                self.ref_model.to(device)
-                ref = torch.cat([completion_logprobs(self.ref_model, ro.ids[s].to(device), ro.prompt_lens[s].to(device),
-                                                     comp_len, self.cfg.temperature)[0].cpu()
-                                 for s in self._slices(ro)])
+                ref = logp_of(self.ref_model.to(device))
         return old, ref
 
     def _slices(self, ro: Rollouts) -> list[slice]:
