@@ -19,7 +19,6 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -266,8 +265,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(k + "\n" for k in keep))
 
 
-def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConfig,
-          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConfig) -> TrainResult:
     """Run `cfg.steps` optimizer steps of `stage` on `model`; the final checkpoint goes to `cfg.out`."""
     cfg.validate()
     out = Path(cfg.out)
@@ -354,8 +352,6 @@ def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConf
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{total_loss:.4f}", tok_s=f"{tokens / dt:,.0f}")
-            if on_step is not None:
-                on_step(step + 1, last)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 os.fsync(metrics_file.fileno())
                 save_checkpoint(out, step + 1, model, tokenizer, opt, cfg.keep_last)
