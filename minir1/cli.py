@@ -347,7 +347,7 @@ def grpo(args: argparse.Namespace) -> int:
     completions = gcfg.prompts_per_step * gcfg.group_size
     steps = args.steps if args.steps is not None else 50
     micro = args.micro_batch_size or completions
-    cfg = _train_config(args, out="runs/grpo", lr=5e-4, warmup_steps=0, schedule="constant",
+    cfg = _train_config(args, out="runs/grpo", lr=1e-4, warmup_steps=0, schedule="constant",
                         batch_size=completions, micro_batch_size=min(micro, completions), weight_decay=0.0,
                         route_bias_speed=0.0)
     cfg.steps = steps * gcfg.mu

@@ -191,3 +191,32 @@ def test_rejection_sampling_keeps_only_verified_completions(tmp_path, tiny_token
                           str(tmp_path / "cli.jsonl")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "cli.jsonl").read_text() == "" and "kept 0 of 4" in res.stdout
+
+
+# ---- learning: held-out accuracy rises ------------------------------------------------------------------------
+
+def _metrics(path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_grpo_raises_heldout_accuracy_after_a_short_sft(tmp_path):
+    """The tiny preset on one-digit +/−: pretraining and a short cold-start SFT leave a model that is right
+    about half the time when it samples; 60 GRPO steps (about a minute on 2 CPU cores) raise held-out
+    pass@1 (R1's: the mean over 4 samples at temperature 0.6) by well over 10 points. Measured: 0.47 -> 0.72
+    and 0.44 -> 0.64 for two seeds."""
+    from minir1.cli import main
+    task = "arithmetic:digits=1,mul_digits=0"
+    common = ["--batch-size", "8", "--seq-len", "128", "--no-progress"]
+    assert main(["pretrain", "--preset", "tiny", "--task", task, "--steps", "1500", "--lr", "3e-3",
+                 "--vocab-size", "384", "--out", str(tmp_path / "pt"), *common]) == 0
+    assert main(["sft", "--init", str(tmp_path / "pt"), "--task", task, "--steps", "60",
+                 "--out", str(tmp_path / "sft"), *common]) == 0
+    assert main(["grpo", "--init", str(tmp_path / "sft"), "--task", task, "--steps", "61", "--prompts-per-step", "16",
+                 "--group-size", "8", "--max-new-tokens", "64", "--lr", "1e-4", "--eval-every", "30",
+                 "--eval-n", "100", "--eval-samples", "4", "--seed", "1", "--out", str(tmp_path / "grpo"),
+                 "--no-progress"]) == 0
+    evals = [r for r in _metrics(tmp_path / "grpo" / "metrics.jsonl") if "eval_pass@1" in r]
+    assert [r["step"] for r in evals] == [1, 31, 61]
+    first, last = evals[0]["eval_pass@1"], evals[-1]["eval_pass@1"]
+    assert last >= first + 0.10, evals

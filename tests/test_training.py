@@ -249,7 +249,7 @@ def test_malformed_sft_data_names_file_and_line(tmp_path, tokenizer_dir):
 
 # ---- end to end: pretrain, then a short SFT, then held-out accuracy -----------------------------------------
 
-def test_pretrain_then_sft_reaches_clearly_nonzero_heldout_accuracy(tmp_path, capsys):
+def test_pretrain_sft_grpo_and_rejection_sampling_end_to_end(tmp_path, capsys):
     """The tiny preset on one-digit +/−: a few hundred CPU steps of pretraining drop the loss and the MTP
     loss far below their start; a short cold-start SFT then solves held-out problems well above chance
     (answers range over 37 values: chance is under 3%)."""
@@ -268,6 +268,20 @@ def test_pretrain_then_sft_reaches_clearly_nonzero_heldout_accuracy(tmp_path, ca
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["problems"] == 60 and result["format_rate"] > 0.3
     assert result["pass@1"] >= 0.1, result
+    # GRPO's fast smoke (the slow test in test_grpo.py shows held-out accuracy rising): a dozen steps already
+    # raise the held-out format rate, and every per-step metric the issue lists is written.
+    assert main(["grpo", "--init", str(tmp_path / "sft"), "--task", task, "--steps", "13", "--prompts-per-step", "8",
+                 "--group-size", "8", "--max-new-tokens", "64", "--lr", "2e-4", "--eval-every", "12", "--eval-n", "60",
+                 "--out", str(tmp_path / "grpo"), "--no-progress"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_pass@1" in r]
+    assert [r["step"] for r in evals] == [1, 13]
+    assert evals[1]["eval_format_rate"] >= evals[0]["eval_format_rate"] + 0.1, evals
+    for key in ("reward_mean", "reward_std", "reward_format", "reward_accuracy", "accuracy", "format_rate",
+                "zero_std_groups", "completion_len_mean", "completion_len_max", "truncated_frac", "entropy", "kl",
+                "clip_low", "clip_high", "grad_norm", "generate_s", "score_s", "train_s", "step_s",
+                "completion_tokens_per_s"):
+        assert all(key in r for r in rows), key
     # Rejection sampling from that model gives SFT data that `minir1 sft --data` trains on as it is.
     assert main(["sample", "--ckpt", str(tmp_path / "sft"), "--task", task, "--n", "40", "--samples", "4",
                  "--max-new-tokens", "64", "--out", str(tmp_path / "samples.jsonl")]) == 0

@@ -60,7 +60,8 @@ class GRPOConfig:
     accuracy_weight: float = 1.0
     template: str = "chat"             # chat | r1-zero
     eval_every: int = 0                # GRPO steps between held-out evaluations (0 = none)
-    eval_n: int = 50
+    eval_n: int = 50                   # held-out problems per evaluation
+    eval_samples: int = 1              # completions per problem: 1 = greedy; more = R1's pass@1 at temperature 0.6
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -221,7 +222,6 @@ class GRPOStage:
     # -- one batch of rollouts -----------------------------------------------------------------------------
     def rollout(self, model: Transformer, generation: int) -> Rollouts:
         cfg, G = self.cfg, self.cfg.group_size
-        t0 = time.perf_counter()
         engine = Engine(model, self.tokenizer)
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 n=G, seed=hash((self.seed, generation)) % 2**62)
@@ -282,8 +282,7 @@ class GRPOStage:
                    "zero_std_groups": zero_std / max(groups_seen, 1), "groups": len(kept),
                    "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
                    "truncated_frac": float(truncated.float().mean()),
-                   "generate_s": generate_s, "score_s": score_s,
-                   "completion_tokens_per_s": float(lengths.sum()) / max(time.perf_counter() - t0, 1e-9)}
+                   "completion_tokens": float(lengths.sum()), "generate_s": generate_s, "score_s": score_s}
         return Rollouts(ids, prompt_lens, mask, advantages, metrics=metrics)
 
     def _reference_logp(self, model: Transformer, ro: Rollouts, comp_len: int) -> tuple[Tensor | None, Tensor | None]:
@@ -319,12 +318,14 @@ class GRPOStage:
             self._rollouts.old_logp, self._rollouts.ref_logp = self._reference_logp(model, self._rollouts, comp_len)
             self._generation = generation
             self._eval = {}
-            if self.cfg.eval_every and (generation + 1) % self.cfg.eval_every == 0:
+            if self.cfg.eval_every and generation % self.cfg.eval_every == 0:  # step 0 too: the baseline
                 from minir1.evaluate import EvalConfig, evaluate
                 res = evaluate(model, self.tokenizer, self.task,
-                               EvalConfig(n=self.cfg.eval_n, max_new_tokens=self.cfg.max_new_tokens,
-                                          template=self.cfg.template, seed=self.seed))
-                self._eval = {"eval_pass@1": res["pass@1"], "eval_format_rate": res["format_rate"]}
+                               EvalConfig(n=self.cfg.eval_n, samples=self.cfg.eval_samples,
+                                          max_new_tokens=self.cfg.max_new_tokens, template=self.cfg.template,
+                                          seed=self.seed))
+                self._eval = {"eval_pass@1": res["pass@1"], "eval_format_rate": res["format_rate"],
+                              "eval_mean_completion_tokens": res["mean_completion_tokens"]}
         slices = self._slices(self._rollouts)
         n = self._rollouts.ids.shape[0]  # dynamic sampling may leave fewer completions than micro-batches
         return self._rollouts, slices[micro] if micro < len(slices) else slice(n, n), n_micro
@@ -360,6 +361,7 @@ class GRPOStage:
         m = dict(self._rollouts.metrics)
         m["step_s"] = time.perf_counter() - self._step_start
         m["train_s"] = m["step_s"] - m["generate_s"] - m["score_s"]
+        m["completion_tokens_per_s"] = m["completion_tokens"] / max(m["step_s"], 1e-9)  # of whole-step wall time
         return {**m, **self._eval}
 
     def config(self) -> dict[str, Any]:
