@@ -384,6 +384,28 @@ def sample_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speedrun_args(p: argparse.ArgumentParser) -> None:
+    from minir1.speedrun import SpeedrunConfig
+    p.add_argument("--preset", default=None, help="cpu (about 15 minutes on 2 cores), gpu (about an hour on one "
+                                                   "GPU) or minimal (seconds, for tests); default: gpu if CUDA "
+                                                   "is available, else cpu")
+    add_dataclass_flags(p, SpeedrunConfig, "speedrun (override the preset)")
+
+
+@command("speedrun", "the whole R1 recipe end to end, with a report (resumable)")(_speedrun_args)
+def speedrun(args: argparse.Namespace) -> int:
+    import torch
+
+    from minir1.speedrun import SpeedrunConfig, run_speedrun
+    preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    overrides = dataclass_overrides(args, SpeedrunConfig)
+    report = run_speedrun(SpeedrunConfig.preset(preset, **overrides))
+    for name, row in report["stages"].items():
+        print(f"  {name:16s} pass@1 {row['pass@1']:.3f}  format {row['format_rate']:.2f}")
+    print(f"total {report['total_seconds'] / 60:.1f} min")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,76 @@
+"""`minir1 speedrun` at a minimal size: every stage runs, every artefact is written, the report has every
+stage, `transformers` loads the final checkpoint, and a second start skips finished stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minir1.report import STAGE_ROWS
+from minir1.speedrun import SpeedrunConfig
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from minir1.cli import main
+    out = tmp_path_factory.mktemp("speedrun")
+    assert main(["speedrun", "--preset", "minimal", "--out", str(out)]) == 0
+    return out
+
+
+def test_every_stage_and_artefact(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["stages"]) == set(STAGE_ROWS)
+    for row in report["stages"].values():
+        for key in ("pass@1", "maj@2", "format_rate", "mean_thinking_tokens"):
+            assert 0 <= row[key] <= (1 if key != "mean_thinking_tokens" else 1e9), (key, row)
+    assert set(report["parameters"]) == {"teacher", "student"}
+    teacher, student = report["parameters"]["teacher"], report["parameters"]["student"]
+    assert 3 <= teacher["total"] / student["total"] <= 5, "the student is about 4x smaller"
+    assert teacher["activated"] < teacher["total"]
+    for key in ("cpu", "threads", "torch", "git_commit"):
+        assert report["environment"][key]
+    assert {"base", "sft", "grpo", "rs_sft", "student_distill", "student_grpo"} <= set(report["seconds"])
+    assert 0 <= report["speculative"]["acceptance_rate"] <= 1 and report["speculative"]["speedup"] > 0
+    for png in ("loss.png", "grpo.png", "expert_load.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (run_dir / "report.md").read_text()
+    assert all(f"`{s}`" in md for s in STAGE_ROWS) and "minir1 chat --ckpt" in md
+    for d in ("base", "sft", "grpo", "rs_sft", "final", "student_base", "student_distill", "student_grpo"):
+        assert (run_dir / d / "config.json").is_file() and (run_dir / d / "tokenizer.json").is_file(), d
+    grpo_rows = [json.loads(x) for x in (run_dir / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(grpo_rows) == SpeedrunConfig.preset("minimal").grpo_steps
+
+
+def test_transformers_loads_the_final_checkpoint_with_the_same_logits(run_dir):
+    from transformers import AutoModelForCausalLM
+
+    from minir1 import Transformer
+    theirs = AutoModelForCausalLM.from_pretrained(run_dir / "final").eval()
+    ours = Transformer.from_pretrained(run_dir / "final").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_second_start_continues_from_the_last_finished_stage(run_dir, capsys):
+    from minir1.cli import main
+    state = json.loads((run_dir / "speedrun_state.json").read_text())
+    del state["stages"]["speculative"]  # as if the first run had been stopped during this stage
+    (run_dir / "speedrun_state.json").write_text(json.dumps(state))
+    before = (run_dir / "final" / "model.safetensors").stat().st_mtime_ns
+    assert main(["speedrun", "--preset", "minimal", "--out", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "base: done in an earlier run" in out and "student_grpo: done in an earlier run" in out
+    assert "[speedrun] speculative ..." in out
+    assert (run_dir / "final" / "model.safetensors").stat().st_mtime_ns == before
+    assert "speculative" in json.loads((run_dir / "speedrun_state.json").read_text())["stages"]
+
+
+def test_unknown_preset_and_setting():
+    with pytest.raises(ValueError, match="unknown speedrun preset"):
+        SpeedrunConfig.preset("laptop")
+    with pytest.raises(ValueError, match="unknown speedrun setting"):
+        SpeedrunConfig.preset("cpu", nonsense=1)
