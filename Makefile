@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all lint bench clean
+.PHONY: install test test-all lint bench speedrun clean
 
 install: $(STAMP)
 
@@ -13,7 +13,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	@# The web chat's browser test drives Debian's Chromium (nothing is downloaded by a test tool).
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
 	touch $(STAMP)
+
+speedrun: install
+	$(BIN)/minir1 speedrun --out runs/speedrun
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -25,11 +32,13 @@ lint: install
 	$(BIN)/ruff check minir1 tests benchmarks
 
 bench: install
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/train_small.py
 	test -d runs/mtp-demo || $(BIN)/minir1 pretrain --preset tiny --task arithmetic:digits=1,mul_digits=0 \
 		--steps 450 --lr 3e-3 --batch-size 8 --seq-len 128 --vocab-size 384 --out runs/mtp-demo
 	$(BIN)/python benchmarks/generate.py --mtp-ckpt runs/mtp-demo --mtp-task arithmetic:digits=1,mul_digits=0
+	$(BIN)/python benchmarks/grpo_vs_trl.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,55 +8,41 @@ from collections.abc import Callable
 from typing import TextIO
 
 from minir1.engine import Engine, SamplingParams
-from minir1.tokenizer import ANSWER, END_ANSWER, END_THINK, THINK
+from minir1.reasoning import ReasoningSplitter
+from minir1.tokenizer import THINK
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 HELP = "Type a message. /reset clears the conversation, /exit quits. Ctrl-C stops an answer."
 
 
 class ThinkingRenderer:
-    """Writes streamed text, dimming what lies between <think> and </think> and dropping the format
-    tags themselves. Tags may arrive split across events, so text that could start one is held back."""
-
-    TAGS = (THINK, END_THINK, ANSWER, END_ANSWER)
+    """Writes streamed text, dimming the reasoning (between <think> and </think>) and dropping the format
+    tags themselves (the splitting is ReasoningSplitter's, shared with the server)."""
 
     def __init__(self, out: TextIO, color: bool, thinking: bool) -> None:
-        self.out, self.color, self.thinking = out, color, thinking
-        self.pending = ""
-        if thinking:
-            self._style(True)
+        self.out, self.color = out, color
+        self.splitter = ReasoningSplitter(thinking)
+        self.dim = False
 
-    def _style(self, dim: bool) -> None:
-        if self.color:
-            self.out.write(DIM if dim else RESET)
+    def _write(self, parts: list[tuple[str, str]]) -> None:
+        for kind, text in parts:
+            dim = kind == "reasoning"
+            if self.color and dim != self.dim:
+                self.out.write(DIM if dim else RESET)
+            if not dim and self.dim:
+                self.out.write("\n")  # the answer starts on its own line
+            self.dim = dim
+            self.out.write(text)
 
     def feed(self, text: str) -> None:
-        self.pending += text
-        while self.pending:
-            hits = [(self.pending.find(t), t) for t in self.TAGS if t in self.pending]
-            if hits:
-                i, tag = min(hits)
-                self.out.write(self.pending[:i])
-                self.pending = self.pending[i + len(tag):]
-                if tag == THINK:
-                    self.thinking = True
-                    self._style(True)
-                elif tag == END_THINK:
-                    self.thinking = False
-                    self._style(False)
-                    self.out.write("\n")
-                    self.pending = self.pending.lstrip("\n")
-                continue
-            keep = max((k for t in self.TAGS for k in range(1, len(t)) if self.pending.endswith(t[:k])), default=0)
-            self.out.write(self.pending[:len(self.pending) - keep])
-            self.pending = self.pending[len(self.pending) - keep:]
-            break
+        self._write(self.splitter.feed(text))
         self.out.flush()
 
     def close(self) -> None:
-        self.out.write(self.pending)
-        self.pending = ""
-        self._style(False)
+        self._write(self.splitter.flush())
+        if self.color:
+            self.out.write(RESET)
+        self.dim = False
         self.out.write("\n")
         self.out.flush()
 

@@ -186,6 +186,12 @@ def dataclass_overrides(args: argparse.Namespace, cls: type) -> dict:
             if getattr(args, f.name, None) is not None}
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 prints results and writes shared files."""
+    import os
+    return int(os.environ.get("RANK", "0"))
+
+
 def _train_config(args: argparse.Namespace, **defaults):
     from minir1.train import TrainConfig
     cfg = TrainConfig(**{**defaults, **dataclass_overrides(args, TrainConfig)})
@@ -230,7 +236,8 @@ def pretrain(args: argparse.Namespace) -> int:
         tokenizer = (Tokenizer.from_pretrained(cfg.out) if cfg.resume and existing.is_file()
                      else train_tokenizer(task, model_cfg.vocab_size, cfg.seed, show_progress=cfg.progress))
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        tokenizer.save_pretrained(cfg.out)
+        if _rank() == 0:  # under torchrun every process trains the same tokenizer; one writes it
+            tokenizer.save_pretrained(cfg.out)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but vocab_size is {model_cfg.vocab_size}")
     model_cfg = model_cfg.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
@@ -241,8 +248,9 @@ def pretrain(args: argparse.Namespace) -> int:
     stage = PretrainStage(task, tokenizer, cfg.seq_len, cfg.micro_batch_size or cfg.batch_size, cfg.seed,
                           args.mtp_weight)
     result = train(model, tokenizer, stage, cfg)
-    print(f"pretrained {result.steps} steps; final loss {result.last_metrics.get('loss', float('nan')):.4f}; "
-          f"checkpoint in {result.out}")
+    if _rank() == 0:
+        print(f"pretrained {result.steps} steps; final loss {result.last_metrics.get('loss', float('nan')):.4f}; "
+              f"checkpoint in {result.out}")
     return 0
 
 
@@ -271,8 +279,9 @@ def sft(args: argparse.Namespace) -> int:
         stage = SFTStage(tokenizer, cfg.seq_len, mb, conversations=load_chat_file(args.data), seed=cfg.seed,
                          data_source=str(args.data))
     result = train(model, tokenizer, stage, cfg)
-    print(f"fine-tuned {result.steps} steps; final loss {result.last_metrics.get('loss', float('nan')):.4f}; "
-          f"checkpoint in {result.out}")
+    if _rank() == 0:
+        print(f"fine-tuned {result.steps} steps; final loss {result.last_metrics.get('loss', float('nan')):.4f}; "
+              f"checkpoint in {result.out}")
     return 0
 
 
@@ -347,6 +356,9 @@ def grpo(args: argparse.Namespace) -> int:
     completions = gcfg.prompts_per_step * gcfg.group_size
     steps = args.steps if args.steps is not None else 50
     micro = args.micro_batch_size or completions
+    if args.batch_size not in (None, completions):
+        raise ValueError(f"GRPO's batch is prompts_per_step x group_size ({completions} completions); "
+                         f"drop --batch-size ({args.batch_size}) or change those two")
     cfg = _train_config(args, out="runs/grpo", lr=1e-4, warmup_steps=0, schedule="constant",
                         batch_size=completions, micro_batch_size=min(micro, completions), weight_decay=0.0,
                         route_bias_speed=0.0)
@@ -362,8 +374,9 @@ def grpo(args: argparse.Namespace) -> int:
     stage = GRPOStage(task, tokenizer, gcfg, cfg.micro_batch_size or completions, cfg.seed, ref_model=ref)
     result = train(model, tokenizer, stage, cfg)
     m = result.last_metrics
-    print(f"GRPO {steps} steps; last reward {m.get('reward_mean', float('nan')):.3f}, accuracy "
-          f"{m.get('accuracy', float('nan')):.3f}; checkpoint in {result.out}")
+    if _rank() == 0:
+        print(f"GRPO {steps} steps; last reward {m.get('reward_mean', float('nan')):.3f}, accuracy "
+              f"{m.get('accuracy', float('nan')):.3f}; checkpoint in {result.out}")
     return 0
 
 
@@ -403,6 +416,30 @@ def speedrun(args: argparse.Namespace) -> int:
     for name, row in report["stages"].items():
         print(f"  {name:16s} pass@1 {row['pass@1']:.3f}  format {row['format_rate']:.2f}")
     print(f"total {report['total_seconds'] / 60:.1f} min")
+    return 0
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _ckpt_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 "
+                                                  "(default: $MINIR1_API_KEY if set, else no key)")
+    p.add_argument("--max-batch", type=int, default=32, help="rows (requests x n) decoded together")
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: minir1)")
+
+
+@command("serve", "an OpenAI/DeepSeek-compatible API with continuous batching, and a web chat at /")(_serve_args)
+def serve_cmd(args: argparse.Namespace) -> int:
+    import os
+
+    from minir1.server import serve
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port ({args.port}) must be between 1 and 65535")
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch ({args.max_batch}) must be >= 1")
+    serve(args.ckpt, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("MINIR1_API_KEY"),
+          max_batch=args.max_batch, served_model_name=args.served_model_name, device=args.device)
     return 0
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from minir1.model import MLAttention, Transformer
@@ -120,6 +121,13 @@ class LatentCache:
     def select(self, rows: Tensor) -> None:
         """Keep (or replicate) batch rows: compaction when rows finish, fan-out to n samples."""
         self.kv = self.kv.index_select(1, rows)
+
+    def extend(self, other: LatentCache) -> None:
+        """Append another cache's rows (continuous batching: newly prefilled requests join the batch);
+        the shorter of the two is padded along the position axis."""
+        S = max(self.kv.shape[2], other.kv.shape[2])
+        pad = [F.pad(c, (0, 0, 0, S - c.shape[2])) for c in (self.kv, other.kv)]
+        self.kv = torch.cat(pad, dim=1)
 
     def attend(self, attn: MLAttention, layer: int, q_nope: Tensor, q_rope: Tensor, latent: Tensor,
                rope_key: Tensor, scale: float) -> Tensor:

@@ -244,12 +244,14 @@ def _shards(tensors: dict[str, Tensor], max_bytes: int) -> list[dict[str, Tensor
     return shards
 
 
-def save_pretrained(model: Transformer, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json and model.safetensors (or shards + index) in Hugging Face's layout."""
+def save_pretrained(model: Transformer, path: str | Path, *, max_shard_bytes: int = 5 * 2**30,
+                    state: dict[str, Tensor] | None = None) -> None:
+    """Write config.json and model.safetensors (or shards + index) in Hugging Face's layout. `state`: a
+    full state dict to write instead of the model's own (gathered from a sharded model)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    dtype = model.embed_tokens.weight.dtype
+    state = {k: v.detach() for k, v in (model.state_dict() if state is None else state).items()}
+    dtype = state["embed_tokens.weight"].dtype
     tensors = to_hf(state, model.config)
     # safetensors refuses tensors that share memory (fused weights, tied heads): copy all but the first.
     seen: set[int] = set()

@@ -664,9 +664,10 @@ class Transformer(nn.Module):
         from minir1.hf import load_pretrained
         return load_pretrained(path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 5 * 2**30,
+                        state: dict[str, Tensor] | None = None) -> None:
         from minir1.hf import save_pretrained
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, state=state)
 
     # -- the forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: Any = None,

@@ -39,8 +39,12 @@ def environment() -> dict[str, Any]:
     except OSError:
         pass
     try:
+        here = Path(__file__).parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+                                cwd=here).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=here).stdout.strip()
+        commit += "-dirty" if dirty and commit != "unknown" else ""
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),

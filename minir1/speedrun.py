@@ -139,11 +139,12 @@ class Speedrun:
         print(f"[speedrun] {name} finished in {record['seconds']:.0f} s{summary}", flush=True)
 
     # -- pieces -------------------------------------------------------------------------------------------
-    def _train_flags(self, out: str, steps: int, lr: float | None = None) -> list[str]:
+    def _train_flags(self, out: str, steps: int, lr: float | None = None, batch: bool = True) -> list[str]:
         c = self.cfg
-        flags = ["--out", str(self.out / out), "--steps", str(steps), "--batch-size", str(c.batch_size),
-                 "--seq-len", str(c.seq_len), "--seed", str(c.seed), "--resume",
+        flags = ["--out", str(self.out / out), "--steps", str(steps), "--seed", str(c.seed), "--resume",
                  "--progress" if c.progress else "--no-progress"]
+        if batch:  # GRPO's batch is prompts_per_step x group_size
+            flags += ["--batch-size", str(c.batch_size), "--seq-len", str(c.seq_len)]
         if c.save_every:
             flags += ["--save-every", str(c.save_every)]
         if lr is not None:
@@ -187,7 +188,7 @@ class Speedrun:
                   str(c.prompts_per_step), "--group-size", str(c.group_size), "--max-new-tokens",
                   str(c.max_new_tokens), "--eval-every", str(max(1, c.grpo_steps // 4)), "--eval-n",
                   str(min(c.eval_n, 100)), "--eval-samples", str(c.eval_samples),
-                  *self._train_flags(out, c.grpo_steps, c.grpo_lr))
+                  *self._train_flags(out, c.grpo_steps, c.grpo_lr, batch=False))
         return {"eval": self.evaluate(out)}
 
     def speculative(self, ckpt: str) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from minir1.prompting import build_prompt
 from minir1.rewards import accuracy_reward, format_reward, safe_reward
 from minir1.tasks import Problem, Task
 from minir1.tokenizer import Tokenizer
+from minir1.train import distributed
 
 log = logging.getLogger(__name__)
 LOSSES = ("grpo", "dr_grpo", "dapo")
@@ -228,12 +229,15 @@ class GRPOStage:
         kept: list[tuple[Problem, list[int], str, list[Completion], Tensor, dict[str, Tensor]]] = []
         generate_s = score_s = 0.0
         groups_seen = zero_std = 0
+        d = distributed.info()
         for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
-            need = cfg.prompts_per_step - len(kept)
+            need = cfg.prompts_per_step // d.world - len(kept)
             if need <= 0:
                 break
-            # Problems are a function of (seed, generation, round): a resumed run draws the same ones.
-            problems = self.task.take(need, "train", seed=hash((self.seed, generation, round_)) % 2**31)
+            # Problems are a function of (seed, generation, round): a resumed run draws the same ones. Under
+            # torchrun each process takes its share of the groups (a group never spans processes).
+            problems = self.task.take(need * d.world, "train",
+                                      seed=hash((self.seed, generation, round_)) % 2**31)[d.rank::d.world]
             prompts = [build_prompt(self.tokenizer, p.question, cfg.template) for p in problems]
             t = time.perf_counter()
             params.seed = (params.seed + round_) % 2**62
@@ -273,6 +277,7 @@ class GRPOStage:
             if not (cfg.overlong == "mask" and truncated[row]):
                 mask[row, :len(c.token_ids)] = 1
         lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float)
+        counted = distributed.all_sum(float(mask.sum()), d)  # dapo's denominator: the whole batch's tokens
         parts = {k: torch.cat([kk[5][k] for kk in kept]) for k in kept[0][5]}
         metrics = {"reward_mean": float(rewards.mean()),
                    "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
@@ -282,7 +287,8 @@ class GRPOStage:
                    "zero_std_groups": zero_std / max(groups_seen, 1), "groups": len(kept),
                    "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
                    "truncated_frac": float(truncated.float().mean()),
-                   "completion_tokens": float(lengths.sum()), "generate_s": generate_s, "score_s": score_s}
+                   "completion_tokens": float(lengths.sum()), "generate_s": generate_s, "score_s": score_s,
+                   "batch_completion_tokens": counted}
         return Rollouts(ids, prompt_lens, mask, advantages, metrics=metrics)
 
     def _reference_logp(self, model: Transformer, ro: Rollouts, comp_len: int) -> tuple[Tensor | None, Tensor | None]:
@@ -310,29 +316,41 @@ class GRPOStage:
     # -- the Stage protocol ------------------------------------------------------------------------------
     def batch(self, step: int, micro: int, n_micro: int) -> tuple[Rollouts, slice, int]:
         generation = step // self.cfg.mu
+        d = distributed.info()
         if generation != self._generation:
             self._step_start = time.perf_counter()
-            model = self._model
-            self._rollouts = self.rollout(model, generation)
+            policy = self._snapshot()  # a plain module with the current weights (gathered under FSDP)
+            self._rollouts = self.rollout(policy, generation)
             comp_len = self._rollouts.mask.shape[1]
-            self._rollouts.old_logp, self._rollouts.ref_logp = self._reference_logp(model, self._rollouts, comp_len)
+            self._rollouts.old_logp, self._rollouts.ref_logp = self._reference_logp(self._model, self._rollouts,
+                                                                                    comp_len)
             self._generation = generation
             self._eval = {}
-            if self.cfg.eval_every and generation % self.cfg.eval_every == 0:  # step 0 too: the baseline
+            if self.cfg.eval_every and generation % self.cfg.eval_every == 0 and d.is_main:  # step 0: baseline
                 from minir1.evaluate import EvalConfig, evaluate
-                res = evaluate(model, self.tokenizer, self.task,
+                res = evaluate(policy, self.tokenizer, self.task,
                                EvalConfig(n=self.cfg.eval_n, samples=self.cfg.eval_samples,
                                           max_new_tokens=self.cfg.max_new_tokens, template=self.cfg.template,
                                           seed=self.seed))
                 self._eval = {"eval_pass@1": res["pass@1"], "eval_format_rate": res["format_rate"],
                               "eval_mean_completion_tokens": res["mean_completion_tokens"]}
         slices = self._slices(self._rollouts)
+        local = micro // d.world  # the loop deals micro-batches out round-robin: this is our j-th
         n = self._rollouts.ids.shape[0]  # dynamic sampling may leave fewer completions than micro-batches
-        return self._rollouts, slices[micro] if micro < len(slices) else slice(n, n), n_micro
+        return self._rollouts, slices[local] if local < len(slices) else slice(n, n), n_micro
 
-    def bind(self, model: Transformer) -> None:
-        """The policy whose rollouts this stage generates (the loop's model)."""
+    def bind(self, model: Transformer, snapshot: Callable[[], Transformer] | None = None) -> None:
+        """The policy being trained (the loop's model, wrapped under torchrun) and a callable giving a plain
+        module with its current weights, to generate from."""
+        d = distributed.info()
+        if d.enabled and self.cfg.dynamic_sampling:
+            raise ValueError("dynamic sampling is not available under torchrun yet (processes would need "
+                             "different numbers of micro-batches)")
+        if self.cfg.prompts_per_step % d.world:
+            raise ValueError(f"prompts_per_step ({self.cfg.prompts_per_step}) must be a multiple of the number "
+                             f"of processes ({d.world}): a group never spans processes")
         self._model = model
+        self._snapshot = snapshot or (lambda: model)
 
     def loss(self, model: Transformer, batch: tuple[Rollouts, slice, int]) -> tuple[Tensor, dict[str, float], int]:
         ro, s, n_micro = batch
@@ -345,11 +363,12 @@ class GRPOStage:
         mask = ro.mask[s].to(device)
         old = ro.old_logp[s].to(device) if ro.old_logp is not None else logp.detach()  # μ = 1: ratio exactly 1
         ref = ro.ref_logp[s].to(device) if ro.ref_logp is not None else None
-        n = ro.ids.shape[0]
+        d = distributed.info()
+        n = ro.ids.shape[0] * d.world  # the whole batch's completions, all processes together
         parts = grpo_loss(logp, old, ro.advantages[s].to(device), mask, loss_type=self.cfg.loss,
                           epsilon=self.cfg.epsilon, epsilon_high=self.cfg.epsilon_high, beta=self.cfg.beta,
                           ref_logp=ref, max_new_tokens=self.cfg.max_new_tokens, n_completions=n,
-                          n_tokens=float(ro.mask.sum()))
+                          n_tokens=ro.metrics["batch_completion_tokens"])
         # The loop averages micro-batch losses; these already add up to the batch loss, so undo the average.
         tokens = float(mask.sum().clamp_min(1))
         metrics = {"entropy": float((entropy * mask).sum() / tokens), "kl": float(parts.kl.detach()),

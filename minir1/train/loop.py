@@ -30,6 +30,8 @@ from torch import Tensor
 
 from minir1.model import Transformer
 from minir1.tokenizer import Tokenizer
+from minir1.train import distributed
+from minir1.train.distributed import DistInfo
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -68,6 +70,7 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     device: str = "auto"
+    parallel: str = "ddp"             # under torchrun: ddp (a replica per process) | fsdp (FSDP2, sharded)
 
     def validate(self) -> None:
         def fail(msg: str) -> None:
@@ -87,6 +90,8 @@ class TrainConfig:
             fail(f"schedule ({self.schedule!r}) must be cosine, wsd or constant")
         if self.dtype not in ("fp32", "bf16"):
             fail(f"dtype ({self.dtype!r}) must be fp32 or bf16")
+        if self.parallel not in ("ddp", "fsdp"):
+            fail(f"parallel ({self.parallel!r}) must be ddp or fsdp")
         if self.save_every < 0 or self.keep_last < 1:
             fail(f"save_every ({self.save_every}) must be >= 0 and keep_last ({self.keep_last}) >= 1")
 
@@ -137,20 +142,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items()
+def _optimizer_tensors(opt_state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A full optimizer state keyed by parameter name -> safetensors tensors + JSON metadata."""
+    tensors = {f"state.{name}.{k}": v.detach().cpu().contiguous() for name, st in opt_state["state"].items()
                for k, v in st.items() if isinstance(v, Tensor)}
-    return tensors, {"param_groups": sd["param_groups"]}
+    return tensors, {"param_groups": opt_state["param_groups"]}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Tensor]] = {}
-    for name, t in tensors.items():
-        if name.startswith("state."):
-            _, i, key = name.split(".", 2)
-            state.setdefault(int(i), {})[key] = t
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+def _optimizer_from_tensors(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("state."):
+            name, k = key[len("state."):].rsplit(".", 1)
+            state.setdefault(name, {})[k] = t
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -171,21 +176,27 @@ def _set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(out: Path, step: int, model: Transformer, tokenizer: Tokenizer,
-                    opt: torch.optim.Optimizer, keep_last: int) -> Path:
+def save_checkpoint(out: Path, step: int, model: torch.nn.Module, tokenizer: Tokenizer,
+                    opt: torch.optim.Optimizer, keep_last: int, d: DistInfo | None = None) -> Path | None:
     """Write `<out>/checkpoints/step-N` atomically (a temporary directory renamed into place), then
-    remove all but the last `keep_last`."""
+    remove all but the last `keep_last`. Full (unsharded) states: every process takes part in gathering
+    them, the first process writes."""
+    d = d or DistInfo()
+    state = distributed.full_model_state(model)
+    opt_tensors, opt_meta = _optimizer_tensors(distributed.full_optimizer_state(model, opt))
+    if not d.is_main:
+        distributed.barrier(d)
+        return None
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    distributed.unwrap(model).save_pretrained(tmp, state=state)
     tokenizer.save_pretrained(tmp)
-    opt_tensors, opt_meta = _optimizer_tensors(opt)
     rng_tensors, rng_meta = _rng_state()
     save_file({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER_STATE)
-    (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **opt_meta, **rng_meta}))
+    (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, "world_size": d.world, **opt_meta, **rng_meta}))
     for f in tmp.iterdir():  # durable before it becomes visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -193,6 +204,7 @@ def save_checkpoint(out: Path, step: int, model: Transformer, tokenizer: Tokeniz
     os.replace(tmp, final)
     for old in sorted(root.glob("step-*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier(d)
     return final
 
 
@@ -201,8 +213,9 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def resume_from(ckpt: Path, model: Transformer, opt: torch.optim.Optimizer) -> int:
-    """Restore model, optimizer and RNG states from a checkpoint directory; returns its step."""
+def resume_from(ckpt: Path, model: Transformer) -> tuple[int, dict[str, Any]]:
+    """Restore the (unwrapped) model's weights and the RNG states from a checkpoint directory; returns its
+    step and the full optimizer state, for after the model is wrapped and the optimizer built."""
     from minir1.hf import load_pretrained
     loaded = load_pretrained(ckpt, device=next(model.parameters()).device)
     with torch.no_grad():
@@ -212,9 +225,8 @@ def resume_from(ckpt: Path, model: Transformer, opt: torch.optim.Optimizer) -> i
             p.copy_(q)
     meta = json.loads((ckpt / TRAINER_STATE).read_text())
     tensors = load_file(ckpt / OPTIMIZER_STATE)
-    _load_optimizer(opt, tensors, meta)
     _set_rng_state(tensors, meta)
-    return int(meta["step"])
+    return int(meta["step"]), _optimizer_from_tensors(tensors, meta)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,63 +278,84 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConfig) -> TrainResult:
-    """Run `cfg.steps` optimizer steps of `stage` on `model`; the final checkpoint goes to `cfg.out`."""
+    """Run `cfg.steps` optimizer steps of `stage` on `model`; the final checkpoint goes to `cfg.out`.
+
+    Under torchrun each process runs its share of every step's micro-batches (see distributed.py);
+    only the first process shows progress and writes metrics and checkpoints."""
     cfg.validate()
+    d, device = distributed.setup(pick_device(cfg.device))
+    n_micro = cfg.accumulation                       # micro-batches per step, all processes together
+    if n_micro % d.world:
+        raise ValueError(f"batch_size / micro_batch_size = {n_micro} micro-batches per step cannot be shared "
+                         f"by {d.world} processes; choose a micro_batch_size that makes it a multiple")
+    mine = list(range(d.rank, n_micro, d.world))     # this process's micro-batches
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
     model.to(device).train()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    opt = build_optimizer(model, cfg)
-    start = 0
-    if cfg.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is not None:
-            start = resume_from(ckpt, model, opt)
-    if start == 0 and (out / METRICS).exists():
-        (out / METRICS).unlink()
-    _truncate_metrics(out / METRICS, start)
-    _write_json(out / TRAIN_CONFIG, {"stage": stage.name, "model": model.config.to_dict(), "train": asdict(cfg),
-                                     stage.name: stage.config()})
-    if hasattr(stage, "bind"):  # stages that generate (GRPO) need the policy itself
-        stage.bind(model)
-    forward_model = torch.compile(model) if cfg.compile else model
+    start, opt_state = 0, None
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        start, opt_state = resume_from(ckpt, model)
+    snapshot = None
+    if hasattr(stage, "bind"):  # stages that generate (GRPO) need a full copy of the policy to sample from
+        snapshot = _policy_snapshot(model, cfg, d)
+        ref = getattr(stage, "ref_model", None)
+        if ref is not None and d.enabled and cfg.parallel == "fsdp":
+            ref.to(device)
+            distributed.wrap(ref, "fsdp", d)         # the reference is sharded as the policy is
+    wrapped = distributed.wrap(model, cfg.parallel, d)
+    opt = build_optimizer(wrapped, cfg)
+    if opt_state is not None:
+        distributed.load_optimizer_state(wrapped, opt, opt_state)
+    if d.is_main:
+        if start == 0 and (out / METRICS).exists():
+            (out / METRICS).unlink()
+        _truncate_metrics(out / METRICS, start)
+        _write_json(out / TRAIN_CONFIG, {"stage": stage.name, "model": model.config.to_dict(), "train": asdict(cfg),
+                                         "world_size": d.world, stage.name: stage.config()})
+    if snapshot is not None:
+        stage.bind(wrapped, snapshot)
+    forward_model = torch.compile(wrapped) if cfg.compile else wrapped
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else nullcontext())
-    writer = None
-    if cfg.tensorboard:
+    writer = bar = None
+    if d.is_main and cfg.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(out / "tensorboard"))
         except ImportError:
             print("TensorBoard is not installed (pip install tensorboard); logging to metrics.jsonl only")
-    bar = None
-    if cfg.progress:
+    if d.is_main and cfg.progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc=stage.name, unit="step", dynamic_ncols=True)
-    n_micro = cfg.accumulation
+    ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
     last: dict[str, Any] = {}
-    with open(out / METRICS, "a") as metrics_file:
+    metrics_file = open(out / METRICS, "a") if d.is_main else None
+    try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
             total_loss, tokens, stage_metrics = 0.0, 0, {}
-            for micro in range(n_micro):
+            for j, micro in enumerate(mine):
                 batch = stage.batch(step, micro, n_micro)
-                with autocast:
+                sync = nullcontext() if not ddp or j == len(mine) - 1 else wrapped.no_sync()
+                with sync, autocast:
                     loss, m, n_tok = stage.loss(forward_model, batch)
-                (loss / n_micro).backward()
-                total_loss += float(loss.detach()) / n_micro
+                    (loss / len(mine)).backward()
+                total_loss += float(loss.detach()) / len(mine)
                 tokens += n_tok
                 for k, v in m.items():
-                    stage_metrics[k] = stage_metrics.get(k, 0.0) + float(v) / n_micro
-            params = [p for p in model.parameters() if p.grad is not None]
-            if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+                    stage_metrics[k] = stage_metrics.get(k, 0.0) + float(v) / len(mine)
+            params = [p for p in wrapped.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            if d.enabled:
+                total_loss = distributed.all_mean({"loss": total_loss}, d)["loss"]
+                stage_metrics = distributed.all_mean(stage_metrics, d)
+                tokens = int(distributed.all_sum(tokens, d))
             if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
                 where = f"the last good checkpoint is {latest_checkpoint(out)}" if latest_checkpoint(out) \
                     else "no checkpoint was saved before it"
@@ -343,8 +376,9 @@ def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConf
             if imbalance is not None:
                 last["load_imbalance"] = [round(float(x), 4) for x in imbalance]
                 last["load_imbalance_max"] = float(imbalance.max())
-            metrics_file.write(json.dumps(last) + "\n")
-            metrics_file.flush()
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
             if writer is not None:
                 for k, v in last.items():
                     if isinstance(v, (int, float)):
@@ -353,12 +387,34 @@ def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConf
                 bar.update(1)
                 bar.set_postfix(loss=f"{total_loss:.4f}", tok_s=f"{tokens / dt:,.0f}")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                os.fsync(metrics_file.fileno())
-                save_checkpoint(out, step + 1, model, tokenizer, opt, cfg.keep_last)
-    if bar is not None:
-        bar.close()
-    if writer is not None:
-        writer.close()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+                if metrics_file is not None:
+                    os.fsync(metrics_file.fileno())
+                save_checkpoint(out, step + 1, wrapped, tokenizer, opt, cfg.keep_last, d)
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    state = distributed.full_model_state(wrapped)
+    if d.is_main:
+        model.save_pretrained(out, state=state)
+        tokenizer.save_pretrained(out)
+    distributed.barrier(d)
     return TrainResult(out, cfg.steps, last)
+
+
+def _policy_snapshot(model: Transformer, cfg: TrainConfig, d: DistInfo):
+    """A callable giving a plain module with the policy's current weights, for generation: the model
+    itself unless FSDP shards it; then a replica refreshed from the gathered state (a collective: every
+    process calls it at the same point)."""
+    if not (d.enabled and cfg.parallel == "fsdp"):
+        return lambda: model
+    import copy
+    replica = copy.deepcopy(model)
+
+    def refresh() -> Transformer:
+        replica.load_state_dict(distributed.full_model_state(model))
+        return replica
+    return refresh

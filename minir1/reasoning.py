@@ -1,0 +1,62 @@
+"""Splitting streamed R1 output into reasoning and answer, as DeepSeek's API does (`reasoning_content`
+apart from `content`): the text inside <think>…</think> is reasoning, the rest is the answer, and the
+format tags themselves are dropped. Tags may arrive split across chunks, so text that could still start
+one is held back until it cannot."""
+
+from __future__ import annotations
+
+from minir1.tokenizer import ANSWER, END_ANSWER, END_THINK, THINK
+
+TAGS = (THINK, END_THINK, ANSWER, END_ANSWER)
+
+
+class ReasoningSplitter:
+    def __init__(self, thinking: bool = False) -> None:
+        self.thinking = thinking   # True when the prompt already opened <think>
+        self.pending = ""
+        self._after_think = False
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        """-> [(kind, text)] with kind "reasoning" or "content", in order; empty texts are left out."""
+        out: list[tuple[str, str]] = []
+        self.pending += text
+        while self.pending:
+            if self._after_think:  # the new line(s) between </think> and the answer are not content
+                self.pending = self.pending.lstrip("\n")
+                if not self.pending:
+                    break
+                self._after_think = False
+            hits = [(self.pending.find(t), t) for t in TAGS if t in self.pending]
+            if hits:
+                i, tag = min(hits)
+                self._emit(out, self.pending[:i])
+                self.pending = self.pending[i + len(tag):]
+                if tag == THINK:
+                    self.thinking = True
+                elif tag == END_THINK:
+                    self.thinking = False
+                    self._after_think = True
+                continue
+            keep = max((k for t in TAGS for k in range(1, len(t)) if self.pending.endswith(t[:k])), default=0)
+            self._emit(out, self.pending[:len(self.pending) - keep])
+            self.pending = self.pending[len(self.pending) - keep:]
+            break
+        return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        self._emit(out, self.pending)
+        self.pending = ""
+        return out
+
+    def _emit(self, out: list[tuple[str, str]], text: str) -> None:
+        if text:
+            out.append(("reasoning" if self.thinking else "content", text))
+
+
+def split_reasoning(text: str, thinking: bool = False) -> tuple[str, str]:
+    """A whole response -> (reasoning, content)."""
+    s = ReasoningSplitter(thinking)
+    parts = s.feed(text) + s.flush()
+    reasoning = "".join(t for k, t in parts if k == "reasoning").strip()
+    return reasoning, "".join(t for k, t in parts if k == "content").strip()
