@@ -75,8 +75,9 @@ def wrap(model: nn.Module, parallel: str, d: DistInfo) -> nn.Module:
         return model
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
-        for block in list(model.layers) + list(model.mtp):
+        for block in model.layers:
             fully_shard(block)
+        # The MTP modules stay in the root's group: their final norm is applied outside their forward.
         fully_shard(model)
         return model
     device_ids = [d.local_rank] if next(model.parameters()).device.type == "cuda" else None
@@ -89,14 +90,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded model state on the CPU (a collective under FSDP: every process must call it)."""
+def full_model_state(model: nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """The unsharded model state (a collective under FSDP: every process must call it): on the first
+    process only, on the CPU (for checkpoints), or on every process (`everywhere`, to generate from)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True,
+                                                                        cpu_offload=not everywhere))
 
 
 def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """{"state": {param name: {...}}, "param_groups": [...]}: keyed by name, so any process count loads it."""
+    """{"state": {param name: {...}}, "param_groups": [...]} on the first process ({} elsewhere): keyed by
+    name, so a run resumes with any number of processes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     return get_optimizer_state_dict(unwrap(model), opt,
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -183,10 +183,11 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, tokenizer: Tok
     them, the first process writes."""
     d = d or DistInfo()
     state = distributed.full_model_state(model)
-    opt_tensors, opt_meta = _optimizer_tensors(distributed.full_optimizer_state(model, opt))
-    if not d.is_main:
+    opt_state = distributed.full_optimizer_state(model, opt)
+    if not d.is_main:  # the gathered states live on the first process only
         distributed.barrier(d)
         return None
+    opt_tensors, opt_meta = _optimizer_tensors(opt_state)
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -415,6 +416,6 @@ def _policy_snapshot(model: Transformer, cfg: TrainConfig, d: DistInfo):
     replica = copy.deepcopy(model)
 
     def refresh() -> Transformer:
-        replica.load_state_dict(distributed.full_model_state(model))
+        replica.load_state_dict(distributed.full_model_state(model, everywhere=True))
         return replica
     return refresh
