@@ -74,3 +74,17 @@ def test_unknown_preset_and_setting():
         SpeedrunConfig.preset("laptop")
     with pytest.raises(ValueError, match="unknown speedrun setting"):
         SpeedrunConfig.preset("cpu", nonsense=1)
+
+
+def test_chat_works_on_the_final_checkpoint(run_dir):
+    import io
+
+    from minir1.chat import run_chat
+    from minir1.cli import load_for_inference
+    from minir1.engine import Engine, SamplingParams
+    model, tok = load_for_inference(str(run_dir / "final"), "cpu")
+    lines = iter(["What is 3 + 4?", "/exit"])
+    out = io.StringIO()
+    assert run_chat(Engine(model, tok), SamplingParams(max_new_tokens=8, temperature=0), read=lambda _: next(lines),
+                    out=out) == 0
+    assert out.getvalue().count("\n") >= 2  # the help line, then the streamed reply
