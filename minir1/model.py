@@ -500,6 +500,9 @@ def _grouped_backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
 _grouped_linear_op.register_autograd(_grouped_backward, setup_context=_grouped_setup)
 
 
+DENSE_MOE_MAX_TOKENS = 64  # decode batches up to this size may run every expert densely (see MoE)
+
+
 class MoE(nn.Module):
     """DeepSeekMoE (DeepSeek-V3 §2.1.2, eq. 12): shared experts + top-k of many fine-grained experts.
 
@@ -533,6 +536,8 @@ class MoE(nn.Module):
             self.last_load.copy_(load)
             if self.training:  # only training forwards steer the balancing (not rollouts or eval)
                 self.load_since_update.add_(load)
+        if self._dense_is_cheaper(x_ND.shape[0]):
+            return self._dense_forward(x_ND, weights_NK, ids_NK).view(B, T, D)
         order = flat_ids.argsort(stable=True)
         token_of = order // self.top_k  # which token each sorted (token, expert) pair belongs to
         x_sorted = x_ND.index_select(0, token_of)
@@ -548,6 +553,25 @@ class MoE(nn.Module):
         if self.aux_alpha > 0 and self.training:
             self.aux_loss = self.sequence_balance_loss(scores_NE.view(B, T, -1), ids_NK.view(B, T, -1))
         return y_ND.view(B, T, D)
+
+    def _dense_is_cheaper(self, n_tokens: int) -> bool:
+        """Decoding a few tokens with few experts (E ≤ 4·top-k), without gradients: every expert on every
+        token in two batched matmuls costs less than dispatching (sort, gather, one small GEMM per expert,
+        scatter), where per-call overhead dominates. Unselected experts get weight 0: the same sum."""
+        return (not torch.is_grad_enabled() and n_tokens <= DENSE_MOE_MAX_TOKENS
+                and self.n_experts <= 4 * self.top_k)
+
+    def _dense_forward(self, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor) -> Tensor:
+        E, N = self.n_experts, x_ND.shape[0]
+        w_EN = torch.zeros(N, E, dtype=x_ND.dtype, device=x_ND.device).scatter_(
+            1, ids_NK, weights_NK.to(x_ND.dtype)).t()
+        h = torch.bmm(x_ND.expand(E, N, -1), self.experts.gate_up_proj.transpose(1, 2))   # [E, N, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        y_ND = torch.bmm(F.silu(gate) * up * w_EN[..., None], self.experts.down_proj.transpose(1, 2)).sum(0)
+        self.aux_loss = None
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
+        return y_ND
 
     def sequence_balance_loss(self, scores_BTE: Tensor, ids_BTK: Tensor) -> Tensor:
         """Complementary sequence-wise balance loss, α·Σ_i f_i·P_i per sequence (DeepSeek-V3 eq. 17-20)."""

@@ -184,24 +184,28 @@ def test_grouped_and_looped_expert_dispatch_agree(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
-def test_moe_matches_a_dense_per_token_reference():
-    """Dispatch check independent of transformers: every token through its experts one at a time."""
+@pytest.mark.parametrize("tokens", [16, 100])
+def test_moe_matches_a_dense_per_token_reference(tokens):
+    """Both expert paths against every token through its experts one at a time: 16 tokens without
+    gradients take the all-experts decode path, 100 the sorted dispatch."""
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny")
     moe = MoE(cfg).eval()
     for p in moe.parameters():
         torch.nn.init.normal_(p, 0, 0.1)
-    x = torch.randn(1, 40, cfg.hidden_size)
+    x = torch.randn(1, tokens, cfg.hidden_size)
     with torch.no_grad():
+        assert moe._dense_is_cheaper(tokens) == (tokens <= model_mod.DENSE_MOE_MAX_TOKENS)
         y = moe(x)[0]
         w, ids, _ = moe.gate(x[0])
-        for t in range(40):
+        for t in range(tokens):
             ref = moe.shared_experts(x[0, t])
             for k in range(cfg.num_experts_per_tok):
                 e = ids[t, k]
                 g, u = (moe.experts.gate_up_proj[e] @ x[0, t]).chunk(2)
                 ref = ref + w[t, k] * (moe.experts.down_proj[e] @ (F.silu(g) * u))
             torch.testing.assert_close(y[t], ref, atol=1e-5, rtol=1e-5)
+    assert not moe._dense_is_cheaper(16), "with gradients (training) the dispatch path is always taken"
 
 
 def test_bf16_autocast_forward_backward():
