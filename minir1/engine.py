@@ -219,6 +219,17 @@ class _Row:
     stop_at: int = -1     # character index where a stop string begins
 
 
+@dataclass
+class _Prefill:
+    cache: LatentCache
+    logits: Tensor        # [rows, V]: the next-token logits of each row (prompt × sample)
+    pos: Tensor           # [rows]: the next position each row writes
+    fan_out: Tensor       # [rows]: the prompt of each row
+    ids: Tensor           # [P, T] the padded prompts, and their positions
+    positions: Tensor
+    out: Any              # the model's output (hidden states, for the MTP draft)
+
+
 class Engine:
     """Batched generation for a Transformer (and optionally a Tokenizer, for text and stop strings).
 
@@ -315,6 +326,40 @@ class Engine:
                           self._text(row, self._stop_ids(params)),
                           list(row.logprobs) if params.logprobs else None, row.finish_reason or "length")
 
+    def _append(self, row: _Row, tok: int, lp: float, params: SamplingParams, stop_ids: set[int],
+                need_text: bool) -> str:
+        """Record one generated token; finish the row on a stop token, a stop string or the length
+        limit; returns the row's new text (when text is needed)."""
+        row.tokens.append(tok)
+        row.logprobs.append(lp)
+        if tok in stop_ids:
+            row.finish_reason = "stop"
+        elif len(row.tokens) >= params.max_new_tokens:
+            row.finish_reason = "length"
+        return self._advance_text(row, params, stop_ids) if need_text else ""
+
+    def _prefill(self, prompts: Sequence[Sequence[int]], samples: Sequence[int], max_len: int,
+                 n_layers: int) -> _Prefill:
+        """One forward over the right-padded prompts into a new cache, then fan-out: prompt i gets
+        samples[i] rows, which share its cached prefix."""
+        cfg = self.model.config
+        device = next(self.model.parameters()).device
+        lengths = [len(p) for p in prompts]
+        P, T = len(prompts), max(lengths)
+        ids = torch.zeros(P, T, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p)
+        ids = ids.to(device)
+        last = torch.tensor(lengths, device=device) - 1
+        positions = torch.arange(T, device=device).expand(P, T)
+        cache = LatentCache(n_layers, P, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                            self.model.embed_tokens.weight.dtype, device)
+        out = self._forward(cache, ids, positions, logits_at=last)
+        fan_out = torch.arange(P, device=device).repeat_interleave(torch.tensor(samples, device=device))
+        cache.select(fan_out)
+        return _Prefill(cache, out.logits[:, 0].index_select(0, fan_out), (last + 1).index_select(0, fan_out),
+                        fan_out, ids, positions, out)
+
     def _forward(self, cache: LatentCache, ids: Tensor, positions: Tensor, logits_at: Tensor | None = None):
         cache.set_positions(positions)
         return self.model(ids, positions=positions, cache=cache, return_dict=True, logits_at=logits_at)
@@ -335,7 +380,6 @@ class Engine:
         stop_ids = self._stop_ids(params)
         spec = params.speculative
         device = next(model.parameters()).device
-        dtype = model.embed_tokens.weight.dtype
         gen = torch.Generator(device=device)
         gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
         n, P = params.n, len(prompts)
@@ -359,14 +403,8 @@ class Engine:
                 for tok, lp in zip(toks, lps):
                     if row.finish_reason:
                         break
-                    row.tokens.append(tok)
-                    row.logprobs.append(lp)
                     stats["generated_tokens"] += 1
-                    if tok in stop_ids:
-                        row.finish_reason = "stop"
-                    elif len(row.tokens) >= params.max_new_tokens:
-                        row.finish_reason = "length"
-                    text = self._advance_text(row, params, stop_ids) if need_text else ""
+                    text = self._append(row, tok, lp, params, stop_ids, need_text)
                     if stream:
                         events.append(StreamEvent(row.prompt_index, row.sample_index, tok,
                                                   lp if params.logprobs else None, text, row.finish_reason))
@@ -375,20 +413,10 @@ class Engine:
         try:
             # ---- prefill: each prompt once, right-padded; its n samples then share the cache ----------
             with torch.inference_mode():
-                T = max(lengths)
-                ids = torch.zeros(P, T, dtype=torch.long)
-                for i, p in enumerate(prompts):
-                    ids[i, :len(p)] = torch.tensor(p)
-                ids = ids.to(device)
-                last = torch.tensor(lengths, device=device) - 1
-                positions = torch.arange(T, device=device).expand(P, T)
-                cache = LatentCache(n_layers, P, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
-                out = self._forward(cache, ids, positions, logits_at=last)
-                fan_out = torch.arange(P, device=device).repeat_interleave(n)
-                cache.select(fan_out)
-                logits = out.logits[:, 0].index_select(0, fan_out)
-                tokens, logps = sample(logits, params, gen)
-                pos = (last + 1).index_select(0, fan_out)    # next position to write, per slot
+                pre = self._prefill(prompts, [n] * P, max_len, n_layers)
+                cache, fan_out, ids, positions, out = pre.cache, pre.fan_out, pre.ids, pre.positions, pre.out
+                tokens, logps = sample(pre.logits, params, gen)
+                pos = pre.pos
                 if spec:
                     next_ids = torch.cat((ids[:, 1:], ids[:, :1]), dim=1).index_select(0, fan_out)
                     next_ids[torch.arange(len(rows)), pos - 1] = tokens

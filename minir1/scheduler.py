@@ -51,7 +51,6 @@ class Scheduler:
         self.engine, self.max_batch = engine, max_batch
         model = engine.model
         self.device = next(model.parameters()).device
-        self.dtype = model.embed_tokens.weight.dtype
         self._waiting: deque[Request] = deque()
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -167,23 +166,10 @@ class Scheduler:
                 self._tokens, self._pos = self._tokens[:0], self._pos[:0]
 
     def _prefill(self, reqs: list[Request]) -> None:
-        engine, cfg = self.engine, self.engine.model.config
-        lengths = [len(r.prompt) for r in reqs]
-        T = max(lengths)
-        ids = torch.zeros(len(reqs), T, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, :len(r.prompt)] = torch.tensor(r.prompt)
-        ids = ids.to(self.device)
-        last = torch.tensor(lengths, device=self.device) - 1
-        positions = torch.arange(T, device=self.device).expand(len(reqs), T)
-        max_len = max(n + r.params.max_new_tokens for n, r in zip(lengths, reqs)) + 2
-        cache = LatentCache(cfg.num_hidden_layers, len(reqs), max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                            self.dtype, self.device)
-        out = engine._forward(cache, ids, positions, logits_at=last)
-        fan_out = torch.arange(len(reqs), device=self.device).repeat_interleave(
-            torch.tensor([r.params.n for r in reqs], device=self.device))
-        cache.select(fan_out)
-        logits = out.logits[:, 0].index_select(0, fan_out)
+        engine = self.engine
+        max_len = max(len(r.prompt) + r.params.max_new_tokens for r in reqs) + 2
+        pre = engine._prefill([r.prompt for r in reqs], [r.params.n for r in reqs], max_len,
+                              engine.model.config.num_hidden_layers)
         new_slots: list[tuple[Request, _Row]] = []
         for r in reqs:
             r.generator = torch.Generator(device=self.device)
@@ -193,26 +179,26 @@ class Scheduler:
             r.rows = [_Row(0, s) for s in range(r.params.n)]
             new_slots += [(r, row) for row in r.rows]
             self.stats["requests"] += 1
-        tokens = self._sample(logits, new_slots)
+        tokens, logps = self._sample(pre.logits, new_slots)
         if self._cache is None or not self._slots:
-            self._cache = cache
+            self._cache = pre.cache
         else:
-            self._cache.extend(cache)
+            self._cache.extend(pre.cache)
         self._slots += new_slots
         self._tokens = torch.cat((self._tokens, tokens))
-        self._pos = torch.cat((self._pos, (last + 1).index_select(0, fan_out)))
-        self._emit(new_slots, tokens.tolist(), self._last_logps)
+        self._pos = torch.cat((self._pos, pre.pos))
+        self._emit(new_slots, tokens.tolist(), logps)
         self.stats["max_rows"] = max(self.stats["max_rows"], len(self._slots))
 
     def _step(self) -> None:
         out = self.engine._forward(self._cache, self._tokens[:, None], self._pos[:, None])
-        tokens = self._sample(out.logits[:, 0], self._slots)
+        tokens, logps = self._sample(out.logits[:, 0], self._slots)
         self._pos = self._pos + 1
         self._tokens = tokens
-        self._emit(self._slots, tokens.tolist(), self._last_logps)
+        self._emit(self._slots, tokens.tolist(), logps)
         self.stats["steps"] += 1
 
-    def _sample(self, logits: Tensor, slots: list[tuple[Request, _Row]]) -> Tensor:
+    def _sample(self, logits: Tensor, slots: list[tuple[Request, _Row]]) -> tuple[Tensor, list[float]]:
         """Each request's rows with its own parameters and generator."""
         tokens = torch.empty(len(slots), dtype=torch.long, device=logits.device)
         logps = torch.empty(len(slots), device=logits.device)
@@ -224,21 +210,14 @@ class Scheduler:
             at = torch.tensor(index, device=logits.device)
             t, lp = sample(logits.index_select(0, at), r.params, r.generator)
             tokens[at], logps[at] = t, lp
-        self._last_logps = logps.tolist()
-        return tokens
+        return tokens, logps.tolist()
 
     def _emit(self, slots: list[tuple[Request, _Row]], tokens: list[int], logps: list[float]) -> None:
         for (r, row), tok, lp in zip(slots, tokens, logps):
             if row.finish_reason or r.cancelled:
                 continue
-            row.tokens.append(tok)
-            row.logprobs.append(lp)
             self.stats["generated_tokens"] += 1
-            if tok in r.stop_ids:
-                row.finish_reason = "stop"
-            elif len(row.tokens) >= r.params.max_new_tokens:
-                row.finish_reason = "length"
-            text = self.engine._advance_text(row, r.params, r.stop_ids) if self.engine.tokenizer else ""
+            text = self.engine._append(row, tok, lp, r.params, r.stop_ids, self.engine.tokenizer is not None)
             r.deliver(StreamEvent(0, row.sample_index, tok, lp if r.params.logprobs else None, text,
                                   row.finish_reason))
             if row.finish_reason:
