@@ -162,13 +162,31 @@ def test_errors_are_the_clients_typed_exceptions(server, client):
     assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
 
 
+@pytest.fixture(scope="module")
+def random_ckpt(tmp_path_factory, tiny_tokenizer):
+    """An untrained model: greedy decoding runs the full max_tokens (no EOS), so requests stay in flight."""
+    out = tmp_path_factory.mktemp("random")
+    torch.manual_seed(0)
+    Transformer(ModelConfig.from_preset("tiny", vocab_size=tiny_tokenizer.vocab_size, hidden_size=64,
+                                        num_attention_heads=2, intermediate_size=128, moe_intermediate_size=32,
+                                        max_position_embeddings=512)).save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def random_server(random_ckpt):
+    s = Server(random_ckpt, "--max-batch", "32")
+    yield s
+    s.stop()
+
+
 async def _stream_tokens(client: httpx.AsyncClient, server, i: int) -> int:
     """One streaming completion request (its own connection); returns its completion tokens."""
-    body = {"model": "tiny-r1", "prompt": f"{i} + {i}", "max_tokens": 48, "temperature": 1.0, "seed": i,
+    body = {"model": "minir1", "prompt": f"{i} + {i}", "max_tokens": 48, "temperature": 1.0, "seed": i,
             "stream": True, "stream_options": {"include_usage": True}}
     lines = []
-    async with client.stream("POST", server.url + "/v1/completions", json=body, timeout=120,
-                             headers={"Authorization": f"Bearer {KEY}"}) as r:
+    async with client.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
         assert r.status_code == 200
         lines = [x async for x in r.aiter_lines() if x.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
@@ -181,9 +199,12 @@ async def _stream_tokens(client: httpx.AsyncClient, server, i: int) -> int:
     return tokens
 
 
-def test_32_concurrent_streaming_clients_beat_sequential_by_3x(server):
+def test_32_concurrent_streaming_clients_beat_sequential_by_3x(random_server):
     """The clients are asyncio streams (one connection each) so that the test's own client code, which
-    shares the 2 cores with the server, costs little; a thread per client measured the client instead."""
+    shares the 2 cores with the server, costs little; a thread per client measured the client instead.
+    The untrained model rarely ends early, so every request generates (about) its 48 tokens and the
+    measure is of generation, not of connection set-up."""
+    server = random_server
     import asyncio
 
     async def measure() -> tuple[int, float, list[int], float]:
@@ -198,22 +219,10 @@ def test_32_concurrent_streaming_clients_beat_sequential_by_3x(server):
 
     sequential, seq_s, concurrent, con_s = asyncio.run(measure())
     assert len(concurrent) == 32 and all(n > 0 for n in concurrent)
-    assert sum(concurrent) == sequential, "seeded requests give the same tokens batched or alone"
+    assert sum(concurrent) == sequential > 32 * 40, "seeded requests give the same tokens batched or alone"
     assert server.health()["max_rows"] >= 16, "the requests really shared the batch"
     seq_rate, con_rate = sequential / seq_s, sum(concurrent) / con_s
     assert con_rate >= 3 * seq_rate, (con_rate, seq_rate)
-
-
-@pytest.fixture(scope="module")
-def random_ckpt(tmp_path_factory, tiny_tokenizer):
-    """An untrained model: greedy decoding runs the full max_tokens (no EOS), so requests stay in flight."""
-    out = tmp_path_factory.mktemp("random")
-    torch.manual_seed(0)
-    Transformer(ModelConfig.from_preset("tiny", vocab_size=tiny_tokenizer.vocab_size, hidden_size=64,
-                                        num_attention_heads=2, intermediate_size=128, moe_intermediate_size=32,
-                                        max_position_embeddings=512)).save_pretrained(out)
-    tiny_tokenizer.save_pretrained(out)
-    return out
 
 
 def test_disconnects_free_slots_and_sigterm_lets_requests_finish(random_ckpt):
