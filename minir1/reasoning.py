@@ -53,10 +53,3 @@ class ReasoningSplitter:
         if text:
             out.append(("reasoning" if self.thinking else "content", text))
 
-
-def split_reasoning(text: str, thinking: bool = False) -> tuple[str, str]:
-    """A whole response -> (reasoning, content)."""
-    s = ReasoningSplitter(thinking)
-    parts = s.feed(text) + s.flush()
-    reasoning = "".join(t for k, t in parts if k == "reasoning").strip()
-    return reasoning, "".join(t for k, t in parts if k == "content").strip()

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from minir1.train.loop import TrainingError
+
 STATE = "speedrun_state.json"
 EVALUATED = ("base", "sft", "grpo", "rs_sft", "student_distill", "student_grpo")
 
@@ -81,6 +83,20 @@ class SpeedrunConfig:
             raise ValueError(f"unknown speedrun setting(s): {', '.join(sorted(bad))}")
         return cls(**{**presets[name], **overrides})
 
+    def validate(self) -> None:
+        """Check the settings before the first stage runs, not half-way through the recipe."""
+        from minir1.tasks import get_task
+        from minir1.train.grpo import GRPOConfig
+        get_task(self.task)
+        GRPOConfig(prompts_per_step=self.prompts_per_step, group_size=self.group_size,
+                   max_new_tokens=self.max_new_tokens).validate()
+        counts = {k: getattr(self, k) for k in ("pretrain_steps", "student_pretrain_steps", "sft_steps", "grpo_steps",
+                                                "rs_problems", "rs_samples", "rs_sft_steps", "distill_problems",
+                                                "distill_steps", "eval_n", "eval_samples", "batch_size")}
+        bad = [f"{k} ({v})" for k, v in counts.items() if v < 1]
+        if bad:
+            raise ValueError(f"speedrun settings must be >= 1: {', '.join(bad)}")
+
     def student_overrides(self) -> dict[str, Any]:
         """Model flags for the student: the teacher's preset at half the width."""
         from minir1.model import ModelConfig
@@ -102,6 +118,7 @@ def _flags(d: dict[str, Any]) -> list[str]:
 
 class Speedrun:
     def __init__(self, cfg: SpeedrunConfig) -> None:
+        cfg.validate()
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +135,8 @@ class Speedrun:
     def _cli(self, *argv: str) -> None:
         from minir1.cli import main
         if main(list(argv)) != 0:
-            raise RuntimeError(f"speedrun: `minir1 {' '.join(argv)}` failed (see the error above)")
+            raise TrainingError(f"stage command `minir1 {' '.join(argv)}` failed (its error is above); "
+                                f"start the speedrun again to continue from the last finished stage")
 
     def stage(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> None:
         """Run a stage unless a previous run finished it; record its time and results."""

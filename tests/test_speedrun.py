@@ -76,6 +76,15 @@ def test_unknown_preset_and_setting():
         SpeedrunConfig.preset("cpu", nonsense=1)
 
 
+def test_bad_settings_fail_before_the_first_stage(tmp_path, capsys):
+    from minir1.cli import main
+    assert main(["speedrun", "--preset", "minimal", "--group-size", "1", "--out", str(tmp_path)]) == 1
+    assert "group_size (1) must be >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "tokenizer").exists()
+    assert main(["speedrun", "--preset", "minimal", "--grpo-steps", "0", "--out", str(tmp_path)]) == 1
+    assert "grpo_steps (0)" in capsys.readouterr().err
+
+
 def test_chat_works_on_the_final_checkpoint(run_dir):
     import io
 

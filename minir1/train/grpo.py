@@ -179,6 +179,7 @@ class Rollouts:
     old_logp: Tensor | None = None
     ref_logp: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    batch_tokens: float = 0.0    # completion tokens in the loss, all processes together (dapo's denominator)
 
 
 def soft_overlong_penalty(length: int, max_new_tokens: int, buffer: int) -> float:
@@ -287,9 +288,8 @@ class GRPOStage:
                    "zero_std_groups": zero_std / max(groups_seen, 1), "groups": len(kept),
                    "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
                    "truncated_frac": float(truncated.float().mean()),
-                   "completion_tokens": float(lengths.sum()), "generate_s": generate_s, "score_s": score_s,
-                   "batch_completion_tokens": counted}
-        return Rollouts(ids, prompt_lens, mask, advantages, metrics=metrics)
+                   "completion_tokens": float(lengths.sum()), "generate_s": generate_s, "score_s": score_s}
+        return Rollouts(ids, prompt_lens, mask, advantages, metrics=metrics, batch_tokens=counted)
 
     def _reference_logp(self, model: Transformer, ro: Rollouts, comp_len: int) -> tuple[Tensor | None, Tensor | None]:
         """Old-policy log-probs (when μ > 1) and reference log-probs (when β > 0), micro-batch by micro-batch."""
@@ -368,7 +368,7 @@ class GRPOStage:
         parts = grpo_loss(logp, old, ro.advantages[s].to(device), mask, loss_type=self.cfg.loss,
                           epsilon=self.cfg.epsilon, epsilon_high=self.cfg.epsilon_high, beta=self.cfg.beta,
                           ref_logp=ref, max_new_tokens=self.cfg.max_new_tokens, n_completions=n,
-                          n_tokens=ro.metrics["batch_completion_tokens"])
+                          n_tokens=ro.batch_tokens)
         # The loop averages micro-batch losses; these already add up to the batch loss, so undo the average.
         tokens = float(mask.sum().clamp_min(1))
         metrics = {"entropy": float((entropy * mask).sum() / tokens), "kl": float(parts.kl.detach()),

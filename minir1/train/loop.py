@@ -90,8 +90,8 @@ class TrainConfig:
             fail(f"schedule ({self.schedule!r}) must be cosine, wsd or constant")
         if self.dtype not in ("fp32", "bf16"):
             fail(f"dtype ({self.dtype!r}) must be fp32 or bf16")
-        if self.parallel not in ("ddp", "fsdp"):
-            fail(f"parallel ({self.parallel!r}) must be ddp or fsdp")
+        if self.parallel not in distributed.PARALLEL:
+            fail(f"parallel ({self.parallel!r}) must be one of {', '.join(distributed.PARALLEL)}")
         if self.save_every < 0 or self.keep_last < 1:
             fail(f"save_every ({self.save_every}) must be >= 0 and keep_last ({self.keep_last}) >= 1")
 
