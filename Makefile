@@ -13,10 +13,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	@# The web chat's browser test drives Debian's Chromium (nothing is downloaded by a test tool).
-	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	@# The web chat's browser test drives Debian's Chromium (nothing is downloaded by a test tool); the
+	@# engine's native decode step is compiled on first use with g++ (without it, the PyTorch path runs).
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v g++ >/dev/null || \
 		{ if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-		  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
+		  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver g++; }
 	touch $(STAMP)
 
 speedrun: install

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minir1.model import MLAttention, Transformer
+from minir1.fused_decode import FusedDecoder, native_sample, native_sampling
+from minir1.model import MLAttention, ModelOutput, Transformer
 
 # --------------------------------------------------------------------------------------------------
 # Public types
@@ -183,9 +184,20 @@ def process_logits(logits: Tensor, params: SamplingParams) -> Tensor:
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """-> (tokens [B], their log-probabilities under softmax(logits / temperature) [B])."""
+    if untruncated(params) and native_sampling(logits):  # one native call, the same random draws
+        B = logits.shape[0]
+        u = torch.rand(B, generator=generator) if params.temperature > 0 else torch.zeros(B)
+        fast = native_sample(logits, torch.full((B,), float(params.temperature)), u)
+        if fast is not None:
+            return fast
     logp = process_logits(logits, params)
     tokens = logp.argmax(-1) if params.temperature == 0 else categorical(logp.exp(), generator)
     return tokens, token_logprobs(logits, tokens, params.temperature)
+
+
+def untruncated(params: SamplingParams) -> bool:
+    """Sampling from the whole temperature-scaled distribution (what the native sampler covers)."""
+    return params.top_k == 0 and params.top_p >= 1.0 and params.min_p <= 0
 
 
 def categorical(probs: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -237,10 +249,13 @@ class Engine:
     the same step function. `last_stats` describes the last run (tokens, time, speculative acceptance).
     """
 
-    def __init__(self, model: Transformer, tokenizer: Any = None) -> None:
+    def __init__(self, model: Transformer, tokenizer: Any = None, fused: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.last_stats: dict[str, float] = {}
+        # One native call per decode step when the model and machine allow it (minir1/fused_decode.py);
+        # the PyTorch path below stays the reference and handles prefill and speculative steps.
+        self.fused = FusedDecoder.for_model(model) if fused else None
 
     # -- validation ------------------------------------------------------------------------------------
     def check_prompt(self, index: int, prompt: Sequence[int], params: SamplingParams) -> str | None:
@@ -344,6 +359,8 @@ class Engine:
         samples[i] rows, which share its cached prefix."""
         cfg = self.model.config
         device = next(self.model.parameters()).device
+        if self.fused is not None:
+            self.fused.refresh()  # the weights may have changed since the last call (e.g. a GRPO update)
         lengths = [len(p) for p in prompts]
         P, T = len(prompts), max(lengths)
         ids = torch.zeros(P, T, dtype=torch.long)
@@ -354,13 +371,21 @@ class Engine:
         positions = torch.arange(T, device=device).expand(P, T)
         cache = LatentCache(n_layers, P, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                             self.model.embed_tokens.weight.dtype, device)
-        out = self._forward(cache, ids, positions, logits_at=last)
+        if self._fused_ok(cache) and n_layers == cfg.num_hidden_layers:  # (speculation needs hidden states)
+            out = ModelOutput(logits=self.fused.prefill(cache.kv, [list(p) for p in prompts])[:, None], hidden=None)
+        else:
+            out = self._forward(cache, ids, positions, logits_at=last)
         fan_out = torch.arange(P, device=device).repeat_interleave(torch.tensor(samples, device=device))
         cache.select(fan_out)
         return _Prefill(cache, out.logits[:, 0].index_select(0, fan_out), (last + 1).index_select(0, fan_out),
                         fan_out, ids, positions, out)
 
+    def _fused_ok(self, cache: LatentCache) -> bool:
+        return self.fused is not None and not self.model.training and self.fused.supports(cache.kv)
+
     def _forward(self, cache: LatentCache, ids: Tensor, positions: Tensor, logits_at: Tensor | None = None):
+        if ids.shape[1] == 1 and logits_at is None and self._fused_ok(cache):
+            return ModelOutput(logits=self.fused.step(cache.kv, ids[:, 0], positions[:, 0])[:, None], hidden=None)
         cache.set_positions(positions)
         return self.model(ids, positions=positions, cache=cache, return_dict=True, logits_at=logits_at)
 

@@ -632,7 +632,8 @@ class MTPModule(nn.Module):
 @dataclass
 class ModelOutput:
     logits: Tensor                                     # [B, T, V]
-    hidden: Tensor                                     # [B, T, D], last block's output (before the final norm)
+    hidden: Tensor | None                              # [B, T, D], last block's output (before the final norm);
+                                                       # None from the engine's fused decode step
     mtp_logits: list[Tensor] = field(default_factory=list)  # depth k: [B, T-k, V], position i predicts t_{i+k+1}
     aux_loss: Tensor | None = None                     # sequence-wise balance loss summed over MoE layers
     router_load: Tensor | None = None                  # [MoE layers, E] tokens per expert in this forward
@@ -697,7 +698,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: Any = None,
                 mtp: bool = False, return_dict: bool = False, logits_at: Tensor | None = None,
                 doc_ids: Tensor | None = None) -> Tensor | ModelOutput:
-        """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] at index `logits_at` [B] of each row).
+        """input_ids [B, T] -> logits [B, T, V], or only at the positions `logits_at` of each row: [B] gives
+        [B, 1, V], [B, K] gives [B, K, V] (the head and its gradient skip every other position).
 
         `positions` [B, T] defaults to 0..T-1. `cache` (an engine cache) switches attention to the
         latent-cache decoding path. `mtp=True` also runs the MTP modules over the same hidden states.
@@ -721,7 +723,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, scale, cache, mask)
         hidden = x
         if logits_at is not None:  # e.g. each prompt's last token: skip the head everywhere else
-            x = x[torch.arange(B, device=x.device), logits_at][:, None]
+            at = logits_at[:, None] if logits_at.dim() == 1 else logits_at
+            x = x[torch.arange(B, device=x.device)[:, None], at]
         logits = self.lm_head(self.norm(x))
         if not (mtp or return_dict):
             return logits

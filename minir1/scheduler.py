@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from minir1.engine import Engine, LatentCache, SamplingParams, StreamEvent, _Row, sample
+from minir1.engine import Engine, LatentCache, SamplingParams, StreamEvent, _Row, sample, untruncated
+from minir1.fused_decode import native_sample, native_sampling
 
 DONE = None  # the last thing a request's callback receives (or an Exception)
 
@@ -49,6 +50,8 @@ class Scheduler:
         if max_batch < 1:
             raise ValueError(f"max_batch ({max_batch}) must be >= 1")
         self.engine, self.max_batch = engine, max_batch
+        if engine.fused is not None:  # one core stays with the HTTP side (see FusedDecoder.threads)
+            engine.fused.threads = max(1, torch.get_num_threads() - 1)
         model = engine.model
         self.device = next(model.parameters()).device
         self._waiting: deque[Request] = deque()
@@ -199,7 +202,18 @@ class Scheduler:
         self.stats["steps"] += 1
 
     def _sample(self, logits: Tensor, slots: list[tuple[Request, _Row]]) -> tuple[Tensor, list[float]]:
-        """Each request's rows with its own parameters and generator."""
+        """Each request's rows with its own parameters and generator: in one native call when no request
+        truncates its distribution (each draws its uniforms from its own generator, as `sample` would)."""
+        if native_sampling(logits) and all(untruncated(r.params) for r, _ in slots):
+            temps, draws = [], []
+            for r, _ in slots:
+                temps.append(r.params.temperature)
+            for r, count in self._row_counts(slots):
+                draws.append(torch.rand(count, generator=r.generator) if r.params.temperature > 0
+                             else torch.zeros(count))
+            fast = native_sample(logits, torch.tensor(temps), torch.cat(draws))
+            if fast is not None:
+                return fast[0], fast[1].tolist()
         tokens = torch.empty(len(slots), dtype=torch.long, device=logits.device)
         logps = torch.empty(len(slots), device=logits.device)
         by_request: dict[int, list[int]] = {}
@@ -211,6 +225,17 @@ class Scheduler:
             t, lp = sample(logits.index_select(0, at), r.params, r.generator)
             tokens[at], logps[at] = t, lp
         return tokens, logps.tolist()
+
+    @staticmethod
+    def _row_counts(slots: list[tuple[Request, _Row]]) -> list[tuple[Request, int]]:
+        """Consecutive runs of one request's rows (a request's rows are always adjacent in the batch)."""
+        runs: list[tuple[Request, int]] = []
+        for r, _ in slots:
+            if runs and runs[-1][0] is r:
+                runs[-1] = (r, runs[-1][1] + 1)
+            else:
+                runs.append((r, 1))
+        return runs
 
     def _emit(self, slots: list[tuple[Request, _Row]], tokens: list[int], logps: list[float]) -> None:
         for (r, row), tok, lp in zip(slots, tokens, logps):

@@ -11,6 +11,11 @@ from conftest import make_hf_model
 
 from minir1 import ModelConfig, Transformer
 from minir1.engine import Engine, SamplingParams, process_logits, sample
+from minir1.kernels import load as load_kernel
+
+
+def native_available() -> bool:
+    return load_kernel("decode_step") is not None
 
 RAGGED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [3] * 15, [40]]
 
@@ -36,18 +41,33 @@ def greedy_by_recomputation(model: Transformer, prompt: list[int], steps: int) -
     return ids[len(prompt):]
 
 
+@pytest.fixture(params=[True, False], ids=["fused", "pytorch"])
+def fused(request) -> bool:
+    """Both decode paths: the native fused step (minir1/fused_decode.py) and the PyTorch reference."""
+    if request.param and not native_available():
+        pytest.skip("no C++ compiler: the fused decode step is unavailable here")
+    return request.param
+
+
+def make_engine(model: Transformer, fused: bool, tokenizer=None) -> Engine:
+    engine = Engine(model, tokenizer, fused=fused)
+    assert (engine.fused is not None) == fused
+    return engine
+
+
 @pytest.mark.parametrize("overrides", [dict(), dict(q_lora_rank=None), dict(num_nextn_predict_layers=0),
                                        dict(q_lora_rank=None, first_k_dense_replace=0)])
-def test_cache_matches_full_recomputation(overrides):
+def test_cache_matches_full_recomputation(overrides, fused):
     model = random_model(**overrides)
-    outs = Engine(model).generate(RAGGED, SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[]))
+    outs = make_engine(model, fused).generate(RAGGED, SamplingParams(max_new_tokens=10, temperature=0,
+                                                                     stop_token_ids=[]))
     assert [o.prompt_index for o in outs] == [0, 1, 2, 3]
     for prompt, out in zip(RAGGED, outs):
         assert out.token_ids == greedy_by_recomputation(model, prompt, 10)
         assert out.finish_reason == "length"
 
 
-def test_greedy_matches_transformers_generate(tmp_path):
+def test_greedy_matches_transformers_generate(tmp_path, fused):
     torch.manual_seed(0)
     theirs = make_hf_model(q_lora_rank=16)
     with torch.no_grad():
@@ -57,7 +77,8 @@ def test_greedy_matches_transformers_generate(tmp_path):
     theirs.save_pretrained(tmp_path)
     ours = Transformer.from_pretrained(tmp_path)
     prompts = [[1, 2, 3, 4, 5], [7, 8], [100, 101, 102, 103, 104, 105, 106, 107, 108]]
-    outs = Engine(ours).generate(prompts, SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[]))
+    outs = make_engine(ours, fused).generate(prompts, SamplingParams(max_new_tokens=12, temperature=0,
+                                                                     stop_token_ids=[]))
     for prompt, out in zip(prompts, outs):
         ref = theirs.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12,
                               eos_token_id=None, pad_token_id=0)
@@ -98,7 +119,12 @@ def chi2_critical(dof: int, z: float = 3.09) -> float:
 @pytest.mark.parametrize("kwargs", [dict(temperature=1.0), dict(temperature=0.5), dict(temperature=1.7),
                                     dict(temperature=1.0, top_k=3), dict(temperature=1.0, top_p=0.8),
                                     dict(temperature=0.8, min_p=0.2), dict(temperature=1.2, top_k=5, top_p=0.9)])
-def test_sampling_frequencies_match_the_intended_distribution(kwargs):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "pytorch"])
+def test_sampling_frequencies_match_the_intended_distribution(kwargs, native, monkeypatch):
+    if native and not native_available():
+        pytest.skip("no C++ compiler: the native sampler is unavailable here")
+    if not native:
+        monkeypatch.setattr("minir1.engine.native_sampling", lambda logits: False)
     params = SamplingParams(**kwargs)
     probs = intended(**kwargs)
     n = 40_000
@@ -116,11 +142,12 @@ def test_greedy_distribution_is_one_hot():
     assert logp.exp().tolist()[0] == [1.0] + [0.0] * 7
 
 
-def test_logprobs_are_temperature_scaled_log_softmax_of_recomputed_logits():
+@pytest.mark.parametrize("top_k", [20, 0])
+def test_logprobs_are_temperature_scaled_log_softmax_of_recomputed_logits(top_k, fused):
     model = random_model(1)
-    params = SamplingParams(max_new_tokens=8, temperature=0.7, top_k=20, logprobs=True, seed=3, n=2,
+    params = SamplingParams(max_new_tokens=8, temperature=0.7, top_k=top_k, logprobs=True, seed=3, n=2,
                             stop_token_ids=[])
-    outs = Engine(model).generate(RAGGED[:2], params)
+    outs = make_engine(model, fused).generate(RAGGED[:2], params)
     for out in outs:
         ids = torch.tensor([RAGGED[out.prompt_index] + out.token_ids])
         with torch.no_grad():

@@ -152,11 +152,9 @@ def completion_logprobs(model: Transformer, ids: Tensor, prompt_lens: Tensor, co
     """Log-probabilities of the completion tokens under softmax(logits / temperature) — the same
     distribution as the engine's logprobs — and the per-token entropy. ids [N, L] hold each prompt then
     its completion, right-padded; returns [N, comp_len]."""
-    logits = model(ids[:, :-1])
-    N = ids.shape[0]
     index = prompt_lens[:, None] - 1 + torch.arange(comp_len, device=ids.device)[None]   # predicting positions
-    index = index.clamp_max(logits.shape[1] - 1)
-    picked = logits.gather(1, index[..., None].expand(N, comp_len, logits.shape[-1])).float()
+    index = index.clamp_max(ids.shape[1] - 2)
+    picked = model(ids[:, :-1], logits_at=index).float()  # the head only where completion tokens are predicted
     logp_all = (picked / (temperature if temperature > 0 else 1.0)).log_softmax(-1)
     targets = ids.gather(1, (index + 1).clamp_max(ids.shape[1] - 1))
     entropy = -(logp_all.exp() * logp_all).sum(-1)

@@ -1,0 +1,232 @@
+"""The engine's fast decode step: one native call (minir1/kernels/decode_step.cpp) per generated token
+for the whole batch, in place of ~150 PyTorch ops.
+
+`FusedDecoder.for_model(model)` returns None when the model or machine is outside what the kernel
+covers (then the engine keeps its PyTorch path, which remains the reference): fp32 weights on the
+CPU, a C++ compiler present, MINIR1_NATIVE not set to 0. It covers every ModelConfig otherwise
+(q_lora_rank None or set, dense and MoE layers, group-limited routing, shared experts or none, YaRN).
+
+Weight packing. At each step the decoder checks the parameters' version counters and storage; after
+an optimizer step (GRPO updates the policy between rollouts) or a load it repacks: every linear
+layer's weight transposed into 16-column panels, and MLA's up-projections folded in (DeepSeek-V2
+§2.1.2): W_UK into the query projection (scaled by the softmax scale) and W_UV into o_proj, computed
+in float64. Packing costs a few milliseconds for a model of a few million parameters.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from minir1 import kernels
+from minir1.model import MLP, MoE, Transformer
+
+_P = ctypes.c_void_p
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int32) for n in ("D", "H", "C", "R", "q_rank", "V", "L", "E", "top_k", "n_group",
+                                              "topk_group", "norm_topk")] + \
+               [(n, ctypes.c_float) for n in ("eps", "eps_q", "eps_kv", "scaling", "attention_factor")] + \
+               [("inv_freq", _P)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("in_norm", _P), ("post_norm", _P), ("w_a", _P), ("q_a_norm", _P), ("w_q", _P), ("kv_norm", _P),
+                ("w_o", _P), ("ffn_kind", ctypes.c_int32), ("I", ctypes.c_int32), ("gu", _P), ("down", _P),
+                ("router", _P), ("bias", _P), ("experts_gu", _P), ("experts_down", _P), ("Ie", ctypes.c_int32)]
+
+
+def pack(weight: Tensor, out: Tensor | None = None) -> Tensor:
+    """A linear layer's weight W [..., N, K] (y = x W^T) -> panels [..., ceil(N/16), K, 16], zero-padded;
+    leading dimensions (stacked experts) are kept. `out`, if given and of that shape, is reused."""
+    w = weight.detach().float().contiguous()
+    N, K = w.shape[-2:]
+    shape = (*w.shape[:-2], -(-N // 16), K, 16)
+    if out is None or tuple(out.shape) != shape:
+        out = torch.empty(shape)
+    lib = kernels.load("decode_step")
+    if lib is not None:
+        lib.minir1_pack(_P(w.data_ptr()), ctypes.c_int64(w[..., 0, 0].numel()), N, K, _P(out.data_ptr()))
+        return out
+    if N % 16:
+        w = F.pad(w, (0, 0, 0, 16 - N % 16))
+    return out.copy_(w.unflatten(-2, (-1, 16)).transpose(-1, -2))
+
+
+def _unsupported(model: Transformer) -> str | None:
+    cfg = model.config
+    params = list(model.parameters())
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+        return "the fused decode step runs fp32 weights on the CPU"
+    if cfg.n_routed_experts > 1024 or cfg.n_group > 256 or cfg.qk_rope_head_dim > 512:
+        return "more experts, groups or rope dimensions than the kernel's fixed buffers"
+    return None
+
+
+class FusedDecoder:
+    """One decode step for every row of a LatentCache, through the native kernel."""
+
+    def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
+        self.model, self.lib = model, lib
+        self._fn = lib.minir1_decode_step
+        self._fn.restype = ctypes.c_int
+        self._fn.argtypes = [_P, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P, ctypes.c_int64, ctypes.c_int64, _P,
+                             ctypes.c_int, _P, _P, ctypes.c_int]
+        self._moe = [m for m in (layer.mlp for layer in model.layers) if isinstance(m, MoE)]
+        self._signature: Any = None
+        self._keep: list[Tensor] = []
+        self._buffers: dict[str, Tensor] = {}
+        # OpenMP threads per call (None: torch.get_num_threads()). A server sets fewer, leaving a core to
+        # its HTTP event loop: a parallel region whose worker thread waits for a busy core stalls the step.
+        self.threads: int | None = None
+
+    @classmethod
+    def for_model(cls, model: Transformer) -> FusedDecoder | None:
+        if _unsupported(model) is not None:
+            return None
+        lib = kernels.load("decode_step")
+        return None if lib is None else cls(model, lib)
+
+    # -- packing ----------------------------------------------------------------------------------------
+    def _current_signature(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.model.parameters()) + \
+            tuple((b.data_ptr(), b._version) for b in (self.model.rotary.inv_freq,
+                                                        *(m.gate.e_score_correction_bias for m in self._moe)))
+
+    def _packed(self, key: str, weight: Tensor) -> int:
+        """Pack into last time's buffer for `key` (fresh pages would cost more than the packing)."""
+        out = self._buffers[key] = pack(weight, self._buffers.get(key))
+        return self._ptr(out)
+
+    def _ptr(self, t: Tensor) -> int:
+        t = t.detach().contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+    @torch.no_grad()
+    def _pack(self) -> None:
+        model, cfg = self.model, self.model.config
+        self._keep = []
+        H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        nope, v = cfg.qk_nope_head_dim, cfg.v_head_dim
+        scale = model.rotary.softmax_scale
+        layers = (_Layer * max(1, cfg.num_hidden_layers))()
+        for i, block in enumerate(model.layers):
+            attn, ly = block.self_attn, layers[i]
+            w_kv = attn.kv_b_proj.weight.double().view(H, nope + v, C)
+            w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]                              # [H, nope, C], [H, v, C]
+            q_w = (attn.q_proj if attn.q_rank is None else attn.q_b_proj).weight.double()
+            q_w = q_w.view(H, nope + R, -1)
+            # q·k over the cache = (W_UK^T q_nope)·c_KV + q_R·k_R: fold W_UK and the scale into W_q.
+            q_abs = torch.cat((torch.bmm(w_uk.transpose(1, 2), q_w[:, :nope]), q_w[:, nope:]), dim=1) * scale
+            q_abs = q_abs.reshape(H * (C + R), -1).float()
+            w_o = torch.einsum("dhv,hvc->dhc", attn.o_proj.weight.double().view(-1, H, v), w_uv)
+            w_o = w_o.reshape(w_o.shape[0], H * C).float()
+            if attn.q_rank is None:
+                ly.w_a = self._packed(f"{i}.w_a", torch.cat((q_abs, attn.kv_a_proj_with_mqa.weight)))
+            else:
+                ly.w_a = self._packed(f"{i}.w_a", torch.cat((attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight)))
+                ly.q_a_norm = self._ptr(attn.q_a_layernorm.weight)
+                ly.w_q = self._packed(f"{i}.w_q", q_abs)
+            ly.kv_norm = self._ptr(attn.kv_a_layernorm.weight)
+            ly.w_o = self._packed(f"{i}.w_o", w_o)
+            ly.in_norm = self._ptr(block.input_layernorm.weight)
+            ly.post_norm = self._ptr(block.post_attention_layernorm.weight)
+            mlp = block.mlp
+            dense = mlp if isinstance(mlp, MLP) else mlp.shared_experts
+            if dense is not None:
+                ly.I = dense.down_proj.weight.shape[1]
+                ly.gu = self._packed(f"{i}.gu", dense.gate_up_proj.weight)
+                ly.down = self._packed(f"{i}.down", dense.down_proj.weight)
+            if isinstance(mlp, MoE):
+                ly.ffn_kind, ly.Ie = 1, cfg.moe_intermediate_size
+                ly.router = self._packed(f"{i}.router", mlp.gate.weight)
+                ly.bias = self._ptr(mlp.gate.e_score_correction_bias.float())
+                ly.experts_gu = self._packed(f"{i}.experts_gu", mlp.experts.gate_up_proj)
+                ly.experts_down = self._packed(f"{i}.experts_down", mlp.experts.down_proj)
+        rot = model.rotary
+        self._dims = _Dims(cfg.hidden_size, H, C, R, cfg.q_lora_rank or 0, cfg.vocab_size, cfg.num_hidden_layers,
+                           cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
+                           int(cfg.norm_topk_prob), model.norm.eps,
+                           model.layers[0].self_attn.q_a_layernorm.eps if cfg.q_lora_rank else 1e-6,
+                           model.layers[0].self_attn.kv_a_layernorm.eps if cfg.num_hidden_layers else 1e-6,
+                           cfg.routed_scaling_factor, rot.attention_factor, self._ptr(rot.inv_freq.float()))
+        self._layers = layers
+        self._embed = self._ptr(model.embed_tokens.weight)
+        self._final_norm = self._ptr(model.norm.weight)
+        self._lm_head = self._packed("lm_head", model.lm_head.weight)
+        self._signature = self._current_signature()
+
+    # -- the step ---------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Repack if any weight changed since the last packing. The engine calls this at each prefill
+        (a check costs ~0.1 ms, as much as a tenth of a decode step, so not at every step)."""
+        if self._current_signature() != self._signature:
+            self._pack()
+
+    def step(self, kv: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
+        """A decode step. kv: LatentCache.kv [layers, B, S, C + R] (fp32, contiguous); tokens, positions
+        [B] -> logits [B, V]. Writes each row's latent at its position, as the PyTorch path does."""
+        return self._run(kv, tokens, positions, None, None)
+
+    def prefill(self, kv: Tensor, prompts: list[list[int]]) -> Tensor:
+        """Every prompt into its cache row (row i of kv: positions 0..len-1), no padding -> the logits
+        after each prompt's last token [P, V]."""
+        lengths = torch.tensor([len(p) for p in prompts])
+        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
+        rows = torch.arange(len(prompts)).repeat_interleave(lengths)
+        starts = lengths.cumsum(0) - lengths
+        positions = torch.arange(len(tokens)) - starts.repeat_interleave(lengths)
+        return self._run(kv, tokens, positions, rows, starts + lengths - 1)
+
+    def _run(self, kv: Tensor, tokens: Tensor, positions: Tensor, rows: Tensor | None,
+             logit_index: Tensor | None) -> Tensor:
+        if self._signature is None:
+            self._pack()
+        cfg = self.model.config
+        tokens, positions = tokens.to(torch.long).contiguous(), positions.to(torch.long).contiguous()
+        n_logits = tokens.shape[0] if logit_index is None else logit_index.shape[0]
+        logits = torch.empty(n_logits, -(-cfg.vocab_size // 16) * 16)
+        loads = torch.zeros(len(self._moe), cfg.n_routed_experts, dtype=torch.int32)
+        self._fn(ctypes.byref(self._dims), self._layers, self._embed, self._final_norm, self._lm_head, tokens.shape[0],
+                 tokens.data_ptr(), positions.data_ptr(), None if rows is None else rows.data_ptr(), kv.data_ptr(),
+                 kv.shape[1], kv.shape[2], None if logit_index is None else logit_index.data_ptr(), n_logits,
+                 logits.data_ptr(), loads.data_ptr(), self.threads or torch.get_num_threads())
+        for m, load in zip(self._moe, loads):
+            m.last_load.copy_(load)
+        return logits[:, :cfg.vocab_size]
+
+    def supports(self, kv: Tensor) -> bool:
+        cfg = self.model.config
+        return (kv.dtype == torch.float32 and kv.is_contiguous() and kv.device.type == "cpu"
+                and kv.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+
+
+def native_sampling(logits: Tensor) -> bool:
+    """Whether native_sample takes these logits (fp32 rows on the CPU, the library available)."""
+    return (logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() == 2
+            and logits.stride(-1) == 1 and kernels.load("decode_step") is not None)
+
+
+def native_sample(logits: Tensor, temperatures: Tensor, uniforms: Tensor) -> tuple[Tensor, Tensor] | None:
+    """minir1.engine.sample without truncation (no top-k / top-p / min-p), every row in one native call:
+    logits [B, V]; temperatures [B] (0 = greedy); uniforms [B], the U(0, 1) draw of each sampled row (the
+    same numbers the PyTorch path draws from the same generator). -> (tokens [B], their log-probabilities
+    under softmax(logits / T) [B]), or None when the native library is unavailable."""
+    if not native_sampling(logits):
+        return None
+    lib = kernels.load("decode_step")
+    B, V = logits.shape
+    temperatures = temperatures.to(torch.float32).contiguous()
+    uniforms = uniforms.to(torch.float32).contiguous()
+    tokens, logp = torch.empty(B, dtype=torch.long), torch.empty(B)
+    fn = lib.minir1_sample
+    fn.argtypes = [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P]
+    fn(logits.data_ptr(), B, V, logits.stride(0), temperatures.data_ptr(), uniforms.data_ptr(), tokens.data_ptr(),
+       logp.data_ptr())
+    return tokens, logp

@@ -1,0 +1,457 @@
+// One decode step of a DeepSeek-V3 model (one new token per row) in a single native call, fp32, CPU.
+//
+// Why: at decode sizes (a few dozen rows) every PyTorch op costs more in dispatch than in arithmetic,
+// and MKL runs skinny GEMMs single-threaded. Here the whole step (embedding, every layer, the final
+// norm and the output head) is one call: small GEMMs on weights packed once per weight version, split
+// across OpenMP threads (the runtime PyTorch already loaded), with the norms, rotary embedding,
+// latent-cache attention, routing and SwiGLU as plain loops in between.
+//
+// The maths is minir1/model.py's with MLA's weight absorption (DeepSeek-V2 §2.1.2) carried one step
+// further than minir1/engine.py's LatentCache.attend: the key up-projection W_UK is folded into the
+// query projection and the value up-projection W_UV into o_proj once, when the weights are packed
+// (minir1/fused_decode.py), so attention runs directly on the cached latents [c_KV ; k_R].
+//
+// Layouts. A packed weight of a linear layer y = x W^T (W [N, K]) is stored as panels
+// [ceil(N/16)][K][16] (zero-padded columns), so a 16-column block streams contiguously. Activations
+// are row-major with a row stride padded to 16 floats. The cache is LatentCache.kv:
+// [layers, rows, max_len, C + R], contiguous.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline int pad16(int n) { return (n + 15) / 16 * 16; }
+
+// ---- GEMM: C[M, N] (+)= A[M, K] · B, B packed as above ------------------------------------------------
+#if defined(__AVX2__) && defined(__FMA__)
+template <int MR>
+inline void micro(int K, const float* __restrict A, int lda, const float* __restrict B, float* __restrict C,
+                  int ldc, bool acc) {
+    __m256 c0[MR], c1[MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; i++) {
+        c0[i] = acc ? _mm256_loadu_ps(C + i * ldc) : _mm256_setzero_ps();
+        c1[i] = acc ? _mm256_loadu_ps(C + i * ldc + 8) : _mm256_setzero_ps();
+    }
+    for (int k = 0; k < K; k++) {
+        __m256 b0 = _mm256_loadu_ps(B + k * 16), b1 = _mm256_loadu_ps(B + k * 16 + 8);
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; i++) {
+            __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+            c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
+            c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; i++) {
+        _mm256_storeu_ps(C + i * ldc, c0[i]);
+        _mm256_storeu_ps(C + i * ldc + 8, c1[i]);
+    }
+}
+#else
+template <int MR>
+inline void micro(int K, const float* __restrict A, int lda, const float* __restrict B, float* __restrict C,
+                  int ldc, bool acc) {
+    float c[MR][16];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < 16; j++) c[i][j] = acc ? C[i * ldc + j] : 0.f;
+    for (int k = 0; k < K; k++)
+        for (int i = 0; i < MR; i++) {
+            const float a = A[i * lda + k];
+            for (int j = 0; j < 16; j++) c[i][j] += a * B[k * 16 + j];
+        }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < 16; j++) C[i * ldc + j] = c[i][j];
+}
+#endif
+
+inline void gemm_block(int M, int K, const float* A, int lda, const float* Bp, float* C, int ldc, bool acc) {
+    int m = 0;
+    for (; m + 6 <= M; m += 6) micro<6>(K, A + m * lda, lda, Bp, C + m * ldc, ldc, acc);
+    const float* a = A + m * lda;
+    float* c = C + m * ldc;
+    switch (M - m) {
+        case 1: micro<1>(K, a, lda, Bp, c, ldc, acc); break;
+        case 2: micro<2>(K, a, lda, Bp, c, ldc, acc); break;
+        case 3: micro<3>(K, a, lda, Bp, c, ldc, acc); break;
+        case 4: micro<4>(K, a, lda, Bp, c, ldc, acc); break;
+        case 5: micro<5>(K, a, lda, Bp, c, ldc, acc); break;
+        default: break;
+    }
+}
+
+// Columns are split across threads in 16-wide panels; each panel stays in L1 across the row blocks.
+void gemm(int M, int N, int K, const float* A, int lda, const float* B, float* C, int ldc, bool acc, int threads) {
+    if (M <= 0) return;
+    const int nb = pad16(N) / 16;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && nb > 1)
+    for (int j = 0; j < nb; j++) gemm_block(M, K, A, lda, B + (int64_t)j * K * 16, C + j * 16, ldc, acc);
+}
+
+// ---- elementwise pieces ---------------------------------------------------------------------------------
+inline void rmsnorm(const float* x, const float* w, float* y, int n, float eps) {
+    double ss = 0;  // the reference reduces in fp32 with pairwise sums; double keeps us as close
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float r = 1.0f / std::sqrt((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) y[i] = x[i] * r * w[i];
+}
+
+// minir1.model.apply_rope: interleaved pairs in, [rotated evens | rotated odds] out.
+inline void rope(const float* x, const float* cos, const float* sin, float* out, int R) {
+    const int h = R / 2;
+    float tmp[512];
+    for (int i = 0; i < h; i++) {
+        const float a = x[2 * i], b = x[2 * i + 1];
+        tmp[i] = a * cos[i] - b * sin[i];
+        tmp[h + i] = b * cos[i] + a * sin[i];
+    }
+    std::memcpy(out, tmp, sizeof(float) * R);
+}
+
+// exp(x) to ~2 ulp (Cephes' expf: range reduction by ln 2, a degree-6 polynomial), eight lanes at a
+// time: glibc's expf is scalar, and the exponentials of softmax, SiLU and sampling were a fifth of a
+// decode step. The scalar version is the same formula for tails and non-AVX2 builds.
+inline float exp1(float x) {
+    const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+    const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 exp8(__m256 x) {
+    const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ), y);
+}
+#endif
+
+// p[i] = exp(p[i] * scale - shift); returns the sum.
+inline float exp_sum(float* p, int n, float scale, float shift) {
+    int i = 0;
+    float sum = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(p + i), _mm256_set1_ps(scale), _mm256_set1_ps(shift)));
+        _mm256_storeu_ps(p + i, v);
+        acc = _mm256_add_ps(acc, v);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    for (float v : lanes) sum += v;
+#endif
+    for (; i < n; i++) sum += (p[i] = exp1(p[i] * scale - shift));
+    return sum;
+}
+
+// SwiGLU on a row [gate (n) | up (n)]: gate[i] <- silu(gate[i]) · up[i] · w.
+inline void swiglu(float* h, int n, float w) {
+    int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), vw = _mm256_set1_ps(w);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(h + i), u = _mm256_loadu_ps(h + n + i);
+        const __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, g))));
+        _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_mul_ps(s, u), vw));
+    }
+#endif
+    for (; i < n; i++) h[i] = h[i] / (1.0f + exp1(-h[i])) * h[n + i] * w;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Shapes and constants; mirrors minir1.model.ModelConfig (see fused_decode.py).
+struct Dims {
+    int32_t D, H, C, R, q_rank, V, L, E, top_k, n_group, topk_group, norm_topk;
+    float eps, eps_q, eps_kv, scaling, attention_factor;
+    const float* inv_freq;  // [R / 2] rotary frequencies (RotaryEmbedding.inv_freq, YaRN applied)
+};
+
+// One decoder layer's packed weights. ffn_kind 0: dense SwiGLU (gu/down, width I); 1: MoE (router,
+// experts, optional shared expert in gu/down of width I).
+struct Layer {
+    const float *in_norm, *post_norm;
+    const float *w_a;       // [q_a | kv_a] (with q_lora) or [q absorbed | kv_a] (without), K = D
+    const float *q_a_norm;  // q_lora only
+    const float *w_q;       // q absorbed, K = q_rank; q_lora only
+    const float *kv_norm;
+    const float *w_o;       // o_proj with W_UV folded in, K = H * C
+    int32_t ffn_kind, I;    // I: dense or shared-expert width (0 = no shared expert)
+    const float *gu, *down;
+    const float *router, *bias;  // [E] correction bias
+    const float *experts_gu, *experts_down;  // per expert packed, each [pad16(2 * Ie) x D] and [pad16(D) x Ie]
+    int32_t Ie;
+};
+
+// B tokens, each with its position pos[b] and its cache row rows[b] (null: row b): a decode step has one
+// token per row; a prefill has a prompt's tokens at positions 0..n-1 of one row (every token's latent
+// is written before any attends, so causality comes from the positions alone). cache [layers, cache
+// rows, S, C + R]; logits [n_logits, pad16(V)] for the tokens in logit_index (null: all B); loads [MoE
+// layers, E] (counts added). Returns 0.
+int minir1_decode_step(const Dims* d, const Layer* layers, const float* embed, const float* final_norm,
+                       const float* lm_head, int B, const int64_t* tokens, const int64_t* pos, const int64_t* rows,
+                       float* cache, int64_t cache_rows, int64_t S, const int64_t* logit_index, int n_logits,
+                       float* logits, int32_t* loads, int threads) {
+    const int D = d->D, H = d->H, C = d->C, R = d->R, CR = C + R, E = d->E;
+    // RotaryEmbedding.forward: angle = position · inv_freq in fp32, scaled by YaRN's attention factor.
+    std::vector<float> cos((size_t)B * (R / 2)), sin((size_t)B * (R / 2));
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < R / 2; i++) {
+            const float angle = (float)pos[b] * d->inv_freq[i];
+            cos[(size_t)b * (R / 2) + i] = std::cos(angle) * d->attention_factor;
+            sin[(size_t)b * (R / 2) + i] = std::sin(angle) * d->attention_factor;
+        }
+    const int Dp = pad16(D), NQ = d->q_rank > 0 ? d->q_rank : H * CR, Na = pad16(NQ + CR);
+    const int Nq = pad16(H * CR), HC = H * C, HCp = pad16(HC);
+    int maxI = 0;
+    for (int l = 0; l < d->L; l++) maxI = layers[l].I > maxI ? layers[l].I : maxI;
+    const int Ie = d->L ? layers[d->L - 1].Ie : 0;
+    const int Iw = pad16(2 * (maxI > Ie ? maxI : Ie));
+    std::vector<float> x((size_t)B * Dp, 0.f), xn((size_t)B * Dp, 0.f), a((size_t)B * Na), q((size_t)B * Nq),
+        o((size_t)B * HCp, 0.f), h((size_t)B * Iw), rs((size_t)B * pad16(E > 0 ? E : 1)), xe((size_t)B * Dp, 0.f),
+        ye((size_t)B * Dp);
+    std::vector<int> eid((size_t)B * (d->top_k > 0 ? d->top_k : 1));
+    std::vector<float> ew(eid.size());
+    const float* qsrc;
+    const int64_t row_stride = S * CR, layer_stride = cache_rows * row_stride;
+
+    for (int b = 0; b < B; b++) std::memcpy(&x[(size_t)b * Dp], embed + tokens[b] * D, sizeof(float) * D);
+
+    int moe_index = 0;
+    for (int l = 0; l < d->L; l++) {
+        const Layer& ly = layers[l];
+        float* kv = cache + l * layer_stride;
+        // ---- attention (DeepSeek-V2 §2.1, decoding with absorbed up-projections) -------------------------
+        for (int b = 0; b < B; b++) rmsnorm(&x[(size_t)b * Dp], ly.in_norm, &xn[(size_t)b * Dp], D, d->eps);
+        gemm(B, NQ + CR, D, xn.data(), Dp, ly.w_a, a.data(), Na, false, threads);
+        if (d->q_rank > 0) {
+            for (int b = 0; b < B; b++) rmsnorm(&a[(size_t)b * Na], ly.q_a_norm, &a[(size_t)b * Na], NQ, d->eps_q);
+            gemm(B, H * CR, NQ, a.data(), Na, ly.w_q, q.data(), Nq, false, threads);
+            qsrc = q.data();
+        } else {
+            qsrc = a.data();
+        }
+        const int ldq = d->q_rank > 0 ? Nq : Na;
+        for (int b = 0; b < B; b++) {
+            float* qb = const_cast<float*>(qsrc) + (size_t)b * ldq;
+            for (int hh = 0; hh < H; hh++) rope(qb + hh * CR + C, &cos[(size_t)b * (R / 2)], &sin[(size_t)b * (R / 2)], qb + hh * CR + C, R);
+            float* slot = kv + (rows ? rows[b] : b) * row_stride + pos[b] * CR;
+            const float* lat = &a[(size_t)b * Na + NQ];
+            rmsnorm(lat, ly.kv_norm, slot, C, d->eps_kv);
+            rope(lat + C, &cos[(size_t)b * (R / 2)], &sin[(size_t)b * (R / 2)], slot + C, R);
+        }
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && B > 1)
+        for (int b = 0; b < B; b++) {
+            const float* qb = qsrc + (size_t)b * ldq;
+            const float* keys = kv + (rows ? rows[b] : b) * row_stride;
+            const int n = (int)pos[b] + 1;
+            std::vector<float> sc((size_t)H * n);
+            for (int s = 0; s < n; s++) {
+                const float* k = keys + (int64_t)s * CR;
+                for (int hh = 0; hh < H; hh++) {
+                    const float* qh = qb + hh * CR;
+                    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                    for (int i = 0; i < CR; i++) acc += qh[i] * k[i];
+                    sc[(size_t)hh * n + s] = acc;
+                }
+            }
+            float* ob = &o[(size_t)b * HCp];
+            for (int hh = 0; hh < H; hh++) {
+                float* p = &sc[(size_t)hh * n];
+                float mx = -INFINITY;
+                for (int s = 0; s < n; s++) mx = p[s] > mx ? p[s] : mx;
+                const float inv = 1.f / exp_sum(p, n, 1.0f, mx);
+                float* oh = ob + hh * C;
+                for (int i = 0; i < C; i++) oh[i] = 0.f;
+                for (int s = 0; s < n; s++) {
+                    const float w = p[s] * inv;
+                    const float* k = keys + (int64_t)s * CR;
+#pragma omp simd
+                    for (int i = 0; i < C; i++) oh[i] += w * k[i];
+                }
+            }
+        }
+        gemm(B, D, HC, o.data(), HCp, ly.w_o, x.data(), Dp, true, threads);  // residual add in place
+
+        // ---- feed-forward: dense SwiGLU, or DeepSeekMoE (DeepSeek-V3 §2.1.2) ------------------------------
+        for (int b = 0; b < B; b++) rmsnorm(&x[(size_t)b * Dp], ly.post_norm, &xn[(size_t)b * Dp], D, d->eps);
+        if (ly.I > 0) {  // the dense MLP, or the MoE's shared expert
+            const int I = ly.I, ldh = pad16(2 * I);
+            gemm(B, 2 * I, D, xn.data(), Dp, ly.gu, h.data(), ldh, false, threads);
+            for (int b = 0; b < B; b++) {
+                float* hb = &h[(size_t)b * ldh];
+                swiglu(hb, I, 1.0f);
+            }
+            gemm(B, D, I, h.data(), ldh, ly.down, x.data(), Dp, true, threads);
+        }
+        if (ly.ffn_kind == 1) {
+            const int K = d->top_k, Ep = pad16(E);
+            gemm(B, E, D, xn.data(), Dp, ly.router, rs.data(), Ep, false, threads);
+            for (int b = 0; b < B; b++) {
+                float* sc = &rs[(size_t)b * Ep];
+                float choice[1024];
+                for (int e = 0; e < E; e++) {
+                    sc[e] = 1.f / (1.f + std::exp(-sc[e]));
+                    choice[e] = sc[e] + ly.bias[e];
+                }
+                if (d->n_group > 1 && d->topk_group < d->n_group) {  // group-limited routing
+                    const int G = d->n_group, per = E / G;
+                    float gs[256];
+                    for (int g = 0; g < G; g++) {
+                        float m1 = -INFINITY, m2 = -INFINITY;
+                        for (int e = g * per; e < (g + 1) * per; e++) {
+                            const float v = choice[e];
+                            if (v > m1) { m2 = m1; m1 = v; } else if (v > m2) { m2 = v; }
+                        }
+                        gs[g] = m1 + (per > 1 ? m2 : 0.f);
+                    }
+                    bool keep[256] = {false};
+                    for (int t = 0; t < d->topk_group; t++) {
+                        int best = -1;
+                        for (int g = 0; g < G; g++)
+                            if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+                        keep[best] = true;
+                    }
+                    for (int g = 0; g < G; g++)
+                        if (!keep[g])
+                            for (int e = g * per; e < (g + 1) * per; e++) choice[e] = -INFINITY;
+                }
+                float total = 0.f;
+                for (int t = 0; t < K; t++) {
+                    int best = -1;
+                    for (int e = 0; e < E; e++)
+                        if (choice[e] > -INFINITY && (best < 0 || choice[e] > choice[best])) best = e;
+                    if (best < 0) best = 0;
+                    eid[(size_t)b * K + t] = best;
+                    ew[(size_t)b * K + t] = sc[best];
+                    total += sc[best];
+                    choice[best] = -INFINITY;
+                }
+                for (int t = 0; t < K; t++) {
+                    float w = ew[(size_t)b * K + t];
+                    if (d->norm_topk) w = w / (total + 1e-20f);
+                    ew[(size_t)b * K + t] = w * d->scaling;
+                    if (loads) loads[moe_index * E + eid[(size_t)b * K + t]] += 1;
+                }
+            }
+            // Each expert runs once on the tokens routed to it (gathered; a counting sort by expert), its
+            // output scattered back.
+            const int ldh = pad16(2 * Ie);
+            std::vector<int> start(E + 1, 0), order((size_t)B * K);
+            for (int i = 0; i < B * K; i++) start[eid[i] + 1]++;
+            for (int e = 0; e < E; e++) start[e + 1] += start[e];
+            std::vector<int> fill(start.begin(), start.end() - 1);
+            for (int i = 0; i < B * K; i++) order[fill[eid[i]]++] = i;
+            for (int e = 0; e < E; e++) {
+                const int m = start[e + 1] - start[e];
+                if (!m) continue;
+                const int* picked = &order[start[e]];  // (token, slot) pairs i: token i / K
+                for (int j = 0; j < m; j++)
+                    std::memcpy(&xe[(size_t)j * Dp], &xn[(size_t)(picked[j] / K) * Dp], sizeof(float) * D);
+                gemm(m, 2 * Ie, D, xe.data(), Dp, ly.experts_gu + (size_t)e * ldh * D, h.data(), ldh, false, threads);
+                for (int j = 0; j < m; j++) swiglu(&h[(size_t)j * ldh], Ie, ew[picked[j]]);
+                gemm(m, D, Ie, h.data(), ldh, ly.experts_down + (size_t)e * Dp * Ie, ye.data(), Dp, false, threads);
+                for (int j = 0; j < m; j++) {
+                    float* xr = &x[(size_t)(picked[j] / K) * Dp];
+                    const float* yr = &ye[(size_t)j * Dp];
+                    for (int i = 0; i < D; i++) xr[i] += yr[i];
+                }
+            }
+            moe_index++;
+        }
+    }
+    const int M = logit_index ? n_logits : B;
+    for (int j = 0; j < M; j++)
+        rmsnorm(&x[(size_t)(logit_index ? logit_index[j] : j) * Dp], final_norm, &xn[(size_t)j * Dp], D, d->eps);
+    gemm(M, d->V, D, xn.data(), Dp, lm_head, logits, pad16(d->V), false, threads);
+    return 0;
+}
+
+// Sampling from logits [B, ld] (first V columns) without truncation, as minir1.engine.sample does, with
+// each row's own temperature: 0 takes the argmax (first maximum); otherwise the inverse CDF of
+// softmax(logits / T) at u[b] · total, the first index whose running sum exceeds it, never a
+// zero-probability token. logp gets log softmax(logits / T) of the chosen token (T = 1 when greedy).
+// Returns 0.
+int minir1_sample(const float* logits, int B, int V, int ld, const float* temperature, const float* u,
+                  int64_t* tokens, float* logp) {
+    std::vector<float> p((size_t)V);
+    for (int b = 0; b < B; b++) {
+        const float* z = logits + (size_t)b * ld;
+        const float inv = temperature[b] > 0 ? 1.0f / temperature[b] : 1.0f;
+        float mx = -INFINITY;
+        int arg = 0;
+        for (int i = 0; i < V; i++)
+            if (z[i] > mx) { mx = z[i]; arg = i; }
+        const float mxs = mx * inv;
+        std::memcpy(p.data(), z, sizeof(float) * V);
+        const double sum = exp_sum(p.data(), V, inv, mxs);
+        const float lse = mxs + (float)std::log(sum);
+        int pick = arg;
+        if (temperature[b] > 0) {
+            const double target = (double)u[b] * sum;
+            double cum = 0;
+            int last = 0;
+            pick = -1;
+            for (int i = 0; i < V; i++) {
+                cum += p[i];
+                if (p[i] > 0) last = i;
+                if (pick < 0 && cum > target) pick = i;
+            }
+            if (pick < 0 || pick > last) pick = last;
+        }
+        tokens[b] = pick;
+        logp[b] = z[pick] * inv - lse;
+    }
+    return 0;
+}
+
+// Packs `batch` weights W [N, K] (y = x W^T) into panels [ceil(N/16)][K][16], zero-padded (the layout
+// of every weight above); one pass, where a strided PyTorch copy takes several times longer.
+void minir1_pack(const float* w, int64_t batch, int N, int K, float* out) {
+    const int Np = pad16(N);
+    for (int64_t b = 0; b < batch; b++) {
+        const float* wb = w + b * (int64_t)N * K;
+        float* ob = out + b * (int64_t)Np * K;
+        for (int j = 0; j < Np / 16; j++)  // rows read in order; a panel (K x 16) stays in L1 while written
+            for (int c = 0; c < 16; c++) {
+                const int n = j * 16 + c;
+                float* o = ob + (int64_t)j * K * 16 + c;
+                const float* r = wb + (int64_t)n * K;
+                for (int k = 0; k < K; k++) o[(int64_t)k * 16] = n < N ? r[k] : 0.f;
+            }
+    }
+}
+
+}  // extern "C"

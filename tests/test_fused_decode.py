@@ -1,0 +1,144 @@
+"""The native decode step and sampler (minir1/fused_decode.py, minir1/kernels/decode_step.cpp) against
+the PyTorch path they replace: logits, cache contents and router loads for every kind of config,
+repacking after a weight update, the same random draws, and the fallback when no compiler is there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minir1 import ModelConfig, Transformer
+from minir1.engine import Engine, SamplingParams, categorical, process_logits, token_logprobs
+from minir1.fused_decode import native_sample
+from minir1.kernels import load
+
+pytestmark = pytest.mark.skipif(load("decode_step") is None, reason="no C++ compiler: no native kernels here")
+
+YARN = dict(type="yarn", factor=4.0, original_max_position_embeddings=128, mscale=1.0, mscale_all_dim=1.0,
+            beta_fast=32, beta_slow=1)
+CONFIGS = {
+    "default": dict(),                                        # q_lora, group-limited routing, shared expert
+    "no_q_lora": dict(q_lora_rank=None),
+    "no_groups_no_shared": dict(n_group=1, topk_group=1, n_shared_experts=0),
+    "odd_sizes": dict(hidden_size=100, vocab_size=250, kv_lora_rank=24, qk_rope_head_dim=6, v_head_dim=12),
+    "yarn": dict(rope_scaling=YARN),
+    "all_moe_4_groups": dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4,
+                             first_k_dense_replace=0, norm_topk_prob=False),
+    "dense_only": dict(first_k_dense_replace=3),
+}
+
+
+def random_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for m in model.moe_layers():
+            m.gate.e_score_correction_bias.normal_(0, 0.1)
+    return model
+
+
+def run_both(model: Transformer, prompts: list[list[int]], new_tokens: list[int], new_pos: list[int]):
+    """Prefill `prompts`, then one decode step; on each path: (prefill logits, step logits, cache, loads)."""
+    cfg = model.config
+    results = []
+    for fused in (False, True):
+        engine = Engine(model, fused=fused)
+        with torch.inference_mode():
+            pre = engine._prefill(prompts, [1] * len(prompts), 32, cfg.num_hidden_layers)
+            out = engine._forward(pre.cache, torch.tensor(new_tokens)[:, None], torch.tensor(new_pos)[:, None])
+        kv = pre.cache.kv.clone()
+        for row, p in enumerate(prompts):  # slots of right-padding hold garbage on the PyTorch path
+            kv[:, row, len(p):new_pos[row]] = 0
+            kv[:, row, new_pos[row] + 1:] = 0
+        results.append((pre.logits.clone(), out.logits[:, 0].clone(), kv,
+                        [m.last_load.clone() for m in model.moe_layers()]))
+    return results
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_prefill_and_step_match_the_pytorch_path(name):
+    model = random_model(**CONFIGS[name])
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12] * 12, [40]]
+    (pre_ref, step_ref, kv_ref, loads_ref), (pre, step, kv, loads) = run_both(model, prompts, [1, 2, 3, 4],
+                                                                              [7, 2, 12, 1])
+    torch.testing.assert_close(pre, pre_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(step, step_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(kv, kv_ref, atol=2e-5, rtol=1e-5)
+    for a, b in zip(loads, loads_ref):
+        assert torch.equal(a.long(), b.long()), "each token goes to the same experts on both paths"
+
+
+def test_engine_uses_the_fused_step_and_repacks_after_an_update():
+    model = random_model(1)
+    engine = Engine(model)
+    assert engine.fused is not None
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[])
+    first = [o.token_ids for o in engine.generate(prompts, greedy)]
+    assert first == [o.token_ids for o in Engine(model, fused=False).generate(prompts, greedy)]
+    # An optimizer step changes every weight in place (as GRPO does between rollouts).
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    model.train()
+    model(torch.tensor([[1, 2, 3, 4]])).logsumexp(-1).mean().backward()
+    opt.step()
+    model.eval()
+    after = [o.token_ids for o in engine.generate(prompts, greedy)]
+    assert after == [o.token_ids for o in Engine(model, fused=False).generate(prompts, greedy)]
+    assert after != first, "the update changed the model's greedy continuations"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0, 1.6])
+def test_native_sampler_draws_what_the_pytorch_path_draws(temperature):
+    torch.manual_seed(0)
+    logits = torch.randn(64, 300) * 3
+    logits[:, 5] = float("-inf")  # a token outside the support is never drawn
+    params = SamplingParams(temperature=temperature)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    u = torch.rand(64, generator=g1) if temperature > 0 else torch.zeros(64)
+    tokens, logp = native_sample(logits, torch.full((64,), temperature), u)
+    logp_ref = process_logits(logits, params)
+    ref = logp_ref.argmax(-1) if temperature == 0 else categorical(logp_ref.exp(), g2)
+    assert torch.equal(tokens, ref)
+    assert not (tokens == 5).any()
+    torch.testing.assert_close(logp, token_logprobs(logits, ref, temperature), atol=2e-6, rtol=0)
+
+
+def test_native_sampler_takes_a_temperature_per_row():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [0.0, 3.0, 1.0]])
+    tokens, logp = native_sample(logits, torch.tensor([0.0, 100.0]), torch.tensor([0.0, 0.2]))
+    assert tokens.tolist() == [1, 0]  # greedy; nearly uniform at T = 100, and u = 0.2 falls in the first third
+    torch.testing.assert_close(logp, torch.stack([logits[0].log_softmax(-1)[1], (logits[1] / 100).log_softmax(-1)[0]]))
+
+
+def _engine_in_subprocess(env: dict[str, str], tmp_path) -> subprocess.CompletedProcess:
+    code = ("import torch, logging; logging.basicConfig(level=logging.WARNING)\n"
+            "from minir1 import ModelConfig, Transformer\n"
+            "from minir1.engine import Engine, SamplingParams\n"
+            "e = Engine(Transformer(ModelConfig()).eval())\n"
+            "out = e.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=0, stop_token_ids=[]))\n"
+            "print('fused' if e.fused is not None else 'pytorch', len(out[0].token_ids))\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MINIR1_CACHE": str(tmp_path), **env})
+
+
+def test_disabled_or_without_a_compiler_the_engine_falls_back(tmp_path):
+    off = _engine_in_subprocess({"MINIR1_NATIVE": "0"}, tmp_path / "a")
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.split() == ["pytorch", "4"]
+    broken = _engine_in_subprocess({"CXX": "/nonexistent/g++"}, tmp_path / "b")
+    assert broken.returncode == 0, broken.stderr
+    assert broken.stdout.split() == ["pytorch", "4"]
+    assert "native kernel 'decode_step' unavailable" in broken.stderr and "/nonexistent/g++" in broken.stderr
+
+
+def test_a_fresh_cache_compiles_the_kernel(tmp_path):
+    out = _engine_in_subprocess({}, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["fused", "4"]
+    assert len(list((tmp_path / "kernels").glob("decode_step-*.so"))) == 1
