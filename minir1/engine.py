@@ -371,8 +371,9 @@ class Engine:
         positions = torch.arange(T, device=device).expand(P, T)
         cache = LatentCache(n_layers, P, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                             self.model.embed_tokens.weight.dtype, device)
-        if self._fused_ok(cache) and n_layers == cfg.num_hidden_layers:  # (speculation needs hidden states)
-            out = ModelOutput(logits=self.fused.prefill(cache.kv, [list(p) for p in prompts])[:, None], hidden=None)
+        if self._fused_ok(cache) and n_layers == cfg.num_hidden_layers:  # unpadded (speculation needs the
+            out = ModelOutput(logits=self.fused.prefill(cache.kv, [list(p) for p in prompts])[:, None],  # hidden
+                              hidden=None)                                                            # states)
         else:
             out = self._forward(cache, ids, positions, logits_at=last)
         fan_out = torch.arange(P, device=device).repeat_interleave(torch.tensor(samples, device=device))
@@ -384,13 +385,15 @@ class Engine:
         return self.fused is not None and not self.model.training and self.fused.supports(cache.kv)
 
     def _forward(self, cache: LatentCache, ids: Tensor, positions: Tensor, logits_at: Tensor | None = None):
-        if ids.shape[1] == 1 and logits_at is None and self._fused_ok(cache):
-            return ModelOutput(logits=self.fused.step(cache.kv, ids[:, 0], positions[:, 0])[:, None], hidden=None)
+        if self._fused_ok(cache):
+            return self.fused.forward(cache.kv, ids, positions, logits_at)
         cache.set_positions(positions)
         return self.model(ids, positions=positions, cache=cache, return_dict=True, logits_at=logits_at)
 
     def _mtp(self, cache: LatentCache, hidden: Tensor, next_ids: Tensor, positions: Tensor) -> Tensor:
         """MTP depth 1 over the given positions: hidden h_i and token t_{i+1} -> logits for t_{i+2}."""
+        if self._fused_ok(cache):
+            return self.fused.mtp(cache.kv, hidden, next_ids, positions)
         model, module = self.model, self.model.mtp[0]
         cache.set_positions(positions)
         cos, sin = model.rotary(positions, hidden.dtype)

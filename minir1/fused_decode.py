@@ -1,12 +1,14 @@
-"""The engine's fast decode step: one native call (minir1/kernels/decode_step.cpp) per generated token
-for the whole batch, in place of ~150 PyTorch ops.
+"""The engine's forward on the latent cache in one native call (minir1/kernels/decode_step.cpp) for the
+whole batch, in place of ~150 PyTorch ops per token: decode steps, prefills, and speculative decoding's
+verification and MTP drafts.
 
 `FusedDecoder.for_model(model)` returns None when the model or machine is outside what the kernel
-covers (then the engine keeps its PyTorch path, which remains the reference): fp32 weights on the
-CPU, a C++ compiler present, MINIR1_NATIVE not set to 0. It covers every ModelConfig otherwise
-(q_lora_rank None or set, dense and MoE layers, group-limited routing, shared experts or none, YaRN).
+covers (then the engine keeps its PyTorch path, which remains the reference, and tests compare the
+two): fp32 weights on the CPU, a C++ compiler present, MINIR1_NATIVE not set to 0. It covers every
+ModelConfig otherwise (q_lora_rank None or set, dense and MoE layers, group-limited routing, shared
+experts or none, YaRN, an MTP module).
 
-Weight packing. At each step the decoder checks the parameters' version counters and storage; after
+Weight packing. At each prefill the decoder checks the parameters' version counters and storage; after
 an optimizer step (GRPO updates the policy between rollouts) or a load it repacks: every linear
 layer's weight transposed into 16-column panels, and MLA's up-projections folded in (DeepSeek-V2
 §2.1.2): W_UK into the query projection (scaled by the softmax scale) and W_UV into o_proj, computed
@@ -23,13 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minir1 import kernels
-from minir1.model import MLP, MoE, Transformer
+from minir1.model import MLP, Block, ModelOutput, MoE, Transformer
 
 _P = ctypes.c_void_p
 
 
 class _Dims(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int32) for n in ("D", "H", "C", "R", "q_rank", "V", "L", "E", "top_k", "n_group",
+    _fields_ = [(n, ctypes.c_int32) for n in ("D", "H", "C", "R", "q_rank", "V", "E", "top_k", "n_group",
                                               "topk_group", "norm_topk")] + \
                [(n, ctypes.c_float) for n in ("eps", "eps_q", "eps_kv", "scaling", "attention_factor")] + \
                [("inv_freq", _P)]
@@ -69,14 +71,15 @@ def _unsupported(model: Transformer) -> str | None:
 
 
 class FusedDecoder:
-    """One decode step for every row of a LatentCache, through the native kernel."""
+    """The engine's forward on a LatentCache through the native kernel: decode steps, prefills, the
+    main model's verification of speculative drafts, and the MTP module that drafts them."""
 
     def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
         self.model, self.lib = model, lib
         self._fn = lib.minir1_decode_step
         self._fn.restype = ctypes.c_int
-        self._fn.argtypes = [_P, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P, ctypes.c_int64, ctypes.c_int64, _P,
-                             ctypes.c_int, _P, _P, ctypes.c_int]
+        self._fn.argtypes = [_P, _P, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P,
+                             ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int]
         self._moe = [m for m in (layer.mlp for layer in model.layers) if isinstance(m, MoE)]
         self._signature: Any = None
         self._keep: list[Tensor] = []
@@ -94,9 +97,10 @@ class FusedDecoder:
 
     # -- packing ----------------------------------------------------------------------------------------
     def _current_signature(self) -> tuple:
+        moe = [m for m in self.model.modules() if isinstance(m, MoE)]
         return tuple((p.data_ptr(), p._version) for p in self.model.parameters()) + \
             tuple((b.data_ptr(), b._version) for b in (self.model.rotary.inv_freq,
-                                                        *(m.gate.e_score_correction_bias for m in self._moe)))
+                                                        *(m.gate.e_score_correction_bias for m in moe)))
 
     def _packed(self, key: str, weight: Tensor) -> int:
         """Pack into last time's buffer for `key` (fresh pages would cost more than the packing)."""
@@ -108,98 +112,131 @@ class FusedDecoder:
         self._keep.append(t)
         return t.data_ptr()
 
+    def _pack_block(self, key: str, block: Block, ly: _Layer) -> None:
+        cfg = self.model.config
+        H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        nope, v = cfg.qk_nope_head_dim, cfg.v_head_dim
+        attn = block.self_attn
+        w_kv = attn.kv_b_proj.weight.double().view(H, nope + v, C)
+        w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]                              # [H, nope, C], [H, v, C]
+        q_w = (attn.q_proj if attn.q_rank is None else attn.q_b_proj).weight.double().view(H, nope + R, -1)
+        # q·k over the cache = (W_UK^T q_nope)·c_KV + q_R·k_R: fold W_UK and the softmax scale into W_q.
+        q_abs = torch.cat((torch.bmm(w_uk.transpose(1, 2), q_w[:, :nope]), q_w[:, nope:]), dim=1)
+        q_abs = (q_abs * self.model.rotary.softmax_scale).reshape(H * (C + R), -1).float()
+        # o_proj(W_UV · o_latent) = (o_proj ∘ W_UV) · o_latent: one matrix over the heads' latents.
+        w_o = torch.einsum("dhv,hvc->dhc", attn.o_proj.weight.double().view(-1, H, v), w_uv)
+        w_o = w_o.reshape(w_o.shape[0], H * C).float()
+        if attn.q_rank is None:
+            ly.w_a = self._packed(f"{key}.w_a", torch.cat((q_abs, attn.kv_a_proj_with_mqa.weight)))
+        else:
+            ly.w_a = self._packed(f"{key}.w_a", torch.cat((attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight)))
+            ly.q_a_norm = self._ptr(attn.q_a_layernorm.weight)
+            ly.w_q = self._packed(f"{key}.w_q", q_abs)
+        ly.kv_norm = self._ptr(attn.kv_a_layernorm.weight)
+        ly.w_o = self._packed(f"{key}.w_o", w_o)
+        ly.in_norm = self._ptr(block.input_layernorm.weight)
+        ly.post_norm = self._ptr(block.post_attention_layernorm.weight)
+        mlp = block.mlp
+        dense = mlp if isinstance(mlp, MLP) else mlp.shared_experts
+        if dense is not None:
+            ly.I = dense.down_proj.weight.shape[1]
+            ly.gu = self._packed(f"{key}.gu", dense.gate_up_proj.weight)
+            ly.down = self._packed(f"{key}.down", dense.down_proj.weight)
+        if isinstance(mlp, MoE):
+            ly.ffn_kind, ly.Ie = 1, cfg.moe_intermediate_size
+            ly.router = self._packed(f"{key}.router", mlp.gate.weight)
+            ly.bias = self._ptr(mlp.gate.e_score_correction_bias.float())
+            ly.experts_gu = self._packed(f"{key}.experts_gu", mlp.experts.gate_up_proj)
+            ly.experts_down = self._packed(f"{key}.experts_down", mlp.experts.down_proj)
+
     @torch.no_grad()
     def _pack(self) -> None:
         model, cfg = self.model, self.model.config
         self._keep = []
-        H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-        nope, v = cfg.qk_nope_head_dim, cfg.v_head_dim
-        scale = model.rotary.softmax_scale
-        layers = (_Layer * max(1, cfg.num_hidden_layers))()
+        self._layers = (_Layer * max(1, cfg.num_hidden_layers))()
         for i, block in enumerate(model.layers):
-            attn, ly = block.self_attn, layers[i]
-            w_kv = attn.kv_b_proj.weight.double().view(H, nope + v, C)
-            w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]                              # [H, nope, C], [H, v, C]
-            q_w = (attn.q_proj if attn.q_rank is None else attn.q_b_proj).weight.double()
-            q_w = q_w.view(H, nope + R, -1)
-            # q·k over the cache = (W_UK^T q_nope)·c_KV + q_R·k_R: fold W_UK and the scale into W_q.
-            q_abs = torch.cat((torch.bmm(w_uk.transpose(1, 2), q_w[:, :nope]), q_w[:, nope:]), dim=1) * scale
-            q_abs = q_abs.reshape(H * (C + R), -1).float()
-            w_o = torch.einsum("dhv,hvc->dhc", attn.o_proj.weight.double().view(-1, H, v), w_uv)
-            w_o = w_o.reshape(w_o.shape[0], H * C).float()
-            if attn.q_rank is None:
-                ly.w_a = self._packed(f"{i}.w_a", torch.cat((q_abs, attn.kv_a_proj_with_mqa.weight)))
-            else:
-                ly.w_a = self._packed(f"{i}.w_a", torch.cat((attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight)))
-                ly.q_a_norm = self._ptr(attn.q_a_layernorm.weight)
-                ly.w_q = self._packed(f"{i}.w_q", q_abs)
-            ly.kv_norm = self._ptr(attn.kv_a_layernorm.weight)
-            ly.w_o = self._packed(f"{i}.w_o", w_o)
-            ly.in_norm = self._ptr(block.input_layernorm.weight)
-            ly.post_norm = self._ptr(block.post_attention_layernorm.weight)
-            mlp = block.mlp
-            dense = mlp if isinstance(mlp, MLP) else mlp.shared_experts
-            if dense is not None:
-                ly.I = dense.down_proj.weight.shape[1]
-                ly.gu = self._packed(f"{i}.gu", dense.gate_up_proj.weight)
-                ly.down = self._packed(f"{i}.down", dense.down_proj.weight)
-            if isinstance(mlp, MoE):
-                ly.ffn_kind, ly.Ie = 1, cfg.moe_intermediate_size
-                ly.router = self._packed(f"{i}.router", mlp.gate.weight)
-                ly.bias = self._ptr(mlp.gate.e_score_correction_bias.float())
-                ly.experts_gu = self._packed(f"{i}.experts_gu", mlp.experts.gate_up_proj)
-                ly.experts_down = self._packed(f"{i}.experts_down", mlp.experts.down_proj)
+            self._pack_block(str(i), block, self._layers[i])
+        self._mtp_layers, self._mtp_norm = (_Layer * 1)(), None
+        if len(model.mtp):
+            self._pack_block("mtp", model.mtp[0].block, self._mtp_layers[0])
+            self._mtp_norm = self._ptr(model.mtp[0].norm.weight)
+        attn0 = (model.mtp[0].block if len(model.mtp) else model.layers[0]).self_attn
         rot = model.rotary
-        self._dims = _Dims(cfg.hidden_size, H, C, R, cfg.q_lora_rank or 0, cfg.vocab_size, cfg.num_hidden_layers,
-                           cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
-                           int(cfg.norm_topk_prob), model.norm.eps,
-                           model.layers[0].self_attn.q_a_layernorm.eps if cfg.q_lora_rank else 1e-6,
-                           model.layers[0].self_attn.kv_a_layernorm.eps if cfg.num_hidden_layers else 1e-6,
+        self._dims = _Dims(cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                           cfg.q_lora_rank or 0, cfg.vocab_size, cfg.n_routed_experts, cfg.num_experts_per_tok,
+                           cfg.n_group, cfg.topk_group, int(cfg.norm_topk_prob), model.norm.eps,
+                           attn0.q_a_layernorm.eps if cfg.q_lora_rank else 1e-6, attn0.kv_a_layernorm.eps,
                            cfg.routed_scaling_factor, rot.attention_factor, self._ptr(rot.inv_freq.float()))
-        self._layers = layers
         self._embed = self._ptr(model.embed_tokens.weight)
         self._final_norm = self._ptr(model.norm.weight)
         self._lm_head = self._packed("lm_head", model.lm_head.weight)
         self._signature = self._current_signature()
 
-    # -- the step ---------------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Repack if any weight changed since the last packing. The engine calls this at each prefill
         (a check costs ~0.1 ms, as much as a tenth of a decode step, so not at every step)."""
         if self._current_signature() != self._signature:
             self._pack()
 
-    def step(self, kv: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
-        """A decode step. kv: LatentCache.kv [layers, B, S, C + R] (fp32, contiguous); tokens, positions
-        [B] -> logits [B, V]. Writes each row's latent at its position, as the PyTorch path does."""
-        return self._run(kv, tokens, positions, None, None)
+    # -- forwards ---------------------------------------------------------------------------------------
+    def forward(self, kv: Tensor, ids: Tensor, positions: Tensor, logits_at: Tensor | None = None) -> ModelOutput:
+        """The model over ids [B, T] at positions [B, T] of the cache's rows 0..B-1 (kv: LatentCache.kv
+        [layers, B, S, C + R], fp32, contiguous), as `Transformer.forward(ids, positions=, cache=)`:
+        logits [B, T, V] (or [B, 1, V] at `logits_at` [B]) and hidden states [B, T, D]."""
+        B, T = ids.shape
+        rows = torch.arange(B).repeat_interleave(T)
+        at = None if logits_at is None else torch.arange(B) * T + logits_at.to(torch.long)
+        logits, hidden = self._run(kv, ids.reshape(-1), positions.reshape(-1), rows, at, want_hidden=True)
+        return ModelOutput(logits=logits.view(B, -1, logits.shape[-1]), hidden=hidden.view(B, T, -1))
 
     def prefill(self, kv: Tensor, prompts: list[list[int]]) -> Tensor:
-        """Every prompt into its cache row (row i of kv: positions 0..len-1), no padding -> the logits
+        """Every prompt into its cache row (row i of kv: positions 0..len-1), without padding -> the logits
         after each prompt's last token [P, V]."""
         lengths = torch.tensor([len(p) for p in prompts])
         tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
         rows = torch.arange(len(prompts)).repeat_interleave(lengths)
         starts = lengths.cumsum(0) - lengths
         positions = torch.arange(len(tokens)) - starts.repeat_interleave(lengths)
-        return self._run(kv, tokens, positions, rows, starts + lengths - 1)
+        return self._run(kv, tokens, positions, rows, starts + lengths - 1)[0]
 
-    def _run(self, kv: Tensor, tokens: Tensor, positions: Tensor, rows: Tensor | None,
-             logit_index: Tensor | None) -> Tensor:
+    def mtp(self, kv: Tensor, hidden: Tensor, next_ids: Tensor, positions: Tensor) -> Tensor:
+        """MTP depth 1 (DeepSeek-V3 §2.2) over hidden [B, T, D] and the next tokens [B, T] at positions
+        [B, T], its block on the cache layer after the main model's -> logits [B, T, V]."""
+        model = self.model
+        module = model.mtp[0]
+        B, T = next_ids.shape
+        with torch.inference_mode():
+            h = module.eh_proj(torch.cat((module.enorm(model.embed_tokens(next_ids)), module.hnorm(hidden)), -1))
+        rows = torch.arange(B).repeat_interleave(T)
+        logits, _ = self._run(kv, next_ids.reshape(-1), positions.reshape(-1), rows, None,
+                              x_in=h.reshape(B * T, -1), mtp=True)
+        return logits.view(B, T, -1)
+
+    def _run(self, kv: Tensor, tokens: Tensor, positions: Tensor, rows: Tensor | None, logit_index: Tensor | None,
+             x_in: Tensor | None = None, mtp: bool = False, want_hidden: bool = False) -> tuple[Tensor, Tensor | None]:
         if self._signature is None:
             self._pack()
         cfg = self.model.config
         tokens, positions = tokens.to(torch.long).contiguous(), positions.to(torch.long).contiguous()
-        n_logits = tokens.shape[0] if logit_index is None else logit_index.shape[0]
+        N = tokens.shape[0]
+        n_logits = N if logit_index is None else logit_index.shape[0]
         logits = torch.empty(n_logits, -(-cfg.vocab_size // 16) * 16)
-        loads = torch.zeros(len(self._moe), cfg.n_routed_experts, dtype=torch.int32)
-        self._fn(ctypes.byref(self._dims), self._layers, self._embed, self._final_norm, self._lm_head, tokens.shape[0],
-                 tokens.data_ptr(), positions.data_ptr(), None if rows is None else rows.data_ptr(), kv.data_ptr(),
-                 kv.shape[1], kv.shape[2], None if logit_index is None else logit_index.data_ptr(), n_logits,
-                 logits.data_ptr(), loads.data_ptr(), self.threads or torch.get_num_threads())
-        for m, load in zip(self._moe, loads):
-            m.last_load.copy_(load)
-        return logits[:, :cfg.vocab_size]
+        hidden = torch.empty(N, cfg.hidden_size) if want_hidden else None
+        loads = None if mtp else torch.zeros(len(self._moe), cfg.n_routed_experts, dtype=torch.int32)
+        x_in = None if x_in is None else x_in.float().contiguous()
+        layers, n_layers = (self._mtp_layers, 1) if mtp else (self._layers, cfg.num_hidden_layers)
+
+        def ptr(t: Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        self._fn(ctypes.byref(self._dims), layers, n_layers, cfg.num_hidden_layers if mtp else 0, self._embed,
+                 ptr(x_in), self._mtp_norm if mtp else self._final_norm, self._lm_head, N, tokens.data_ptr(),
+                 positions.data_ptr(), ptr(rows), kv.data_ptr(), kv.shape[1], kv.shape[2], ptr(logit_index),
+                 n_logits, logits.data_ptr(), ptr(hidden), ptr(loads), self.threads or torch.get_num_threads())
+        if loads is not None:
+            for m, load in zip(self._moe, loads):
+                m.last_load.copy_(load)
+        return logits[:, :cfg.vocab_size], hidden
 
     def supports(self, kv: Tensor) -> bool:
         cfg = self.model.config

@@ -15,6 +15,7 @@ from minir1 import ModelConfig, Transformer
 from minir1.engine import Engine, SamplingParams, categorical, process_logits, token_logprobs
 from minir1.fused_decode import native_sample
 from minir1.kernels import load
+from minir1.model import MoE
 
 pytestmark = pytest.mark.skipif(load("decode_step") is None, reason="no C++ compiler: no native kernels here")
 
@@ -44,33 +45,49 @@ def random_model(seed: int = 0, **overrides) -> Transformer:
 
 
 def run_both(model: Transformer, prompts: list[list[int]], new_tokens: list[int], new_pos: list[int]):
-    """Prefill `prompts`, then one decode step; on each path: (prefill logits, step logits, cache, loads)."""
+    """On each path: prefill `prompts`, one decode step, then (with an MTP module) a speculative
+    verification of two tokens per row and the MTP draft over them. -> per path: (prefill logits, step
+    logits, verification logits and hidden states, MTP logits, cache, router loads of the step)."""
     cfg = model.config
+    spec = bool(cfg.num_nextn_predict_layers)
+    n_layers = cfg.num_hidden_layers + spec
     results = []
     for fused in (False, True):
         engine = Engine(model, fused=fused)
         with torch.inference_mode():
-            pre = engine._prefill(prompts, [1] * len(prompts), 32, cfg.num_hidden_layers)
+            pre = engine._prefill(prompts, [1] * len(prompts), 32, n_layers)
             out = engine._forward(pre.cache, torch.tensor(new_tokens)[:, None], torch.tensor(new_pos)[:, None])
+            loads = [b.mlp.last_load.clone() for b in model.layers if isinstance(b.mlp, MoE)]
+            verify = mtp = None
+            if spec:
+                pos = torch.tensor(new_pos)[:, None] + 1 + torch.arange(2)
+                ids = torch.tensor([[5, 6], [7, 8], [9, 10], [11, 12]])
+                verify = engine._forward(pre.cache, ids, pos)
+                mtp = engine._mtp(pre.cache, verify.hidden, ids.flip(1), pos)
         kv = pre.cache.kv.clone()
         for row, p in enumerate(prompts):  # slots of right-padding hold garbage on the PyTorch path
             kv[:, row, len(p):new_pos[row]] = 0
-            kv[:, row, new_pos[row] + 1:] = 0
-        results.append((pre.logits.clone(), out.logits[:, 0].clone(), kv,
-                        [m.last_load.clone() for m in model.moe_layers()]))
+            kv[:, row, new_pos[row] + 3:] = 0
+        results.append((pre.logits.clone(), out.logits[:, 0].clone(),
+                        None if verify is None else (verify.logits.clone(), verify.hidden.clone()),
+                        None if mtp is None else mtp.clone(), kv, loads))
     return results
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_prefill_and_step_match_the_pytorch_path(name):
+def test_prefill_step_verification_and_mtp_match_the_pytorch_path(name):
     model = random_model(**CONFIGS[name])
     prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12] * 12, [40]]
-    (pre_ref, step_ref, kv_ref, loads_ref), (pre, step, kv, loads) = run_both(model, prompts, [1, 2, 3, 4],
-                                                                              [7, 2, 12, 1])
-    torch.testing.assert_close(pre, pre_ref, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(step, step_ref, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(kv, kv_ref, atol=2e-5, rtol=1e-5)
-    for a, b in zip(loads, loads_ref):
+    ref, got = run_both(model, prompts, [1, 2, 3, 4], [7, 2, 12, 1])
+    close = dict(atol=3e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0], ref[0], **close)   # prefill logits
+    torch.testing.assert_close(got[1], ref[1], **close)   # decode step logits
+    if model.config.num_nextn_predict_layers:
+        torch.testing.assert_close(got[2][0], ref[2][0], **close)   # verification logits
+        torch.testing.assert_close(got[2][1], ref[2][1], **close)   # and hidden states
+        torch.testing.assert_close(got[3], ref[3], **close)         # MTP draft logits
+    torch.testing.assert_close(got[4], ref[4], **close)   # every cache layer, the MTP's included
+    for a, b in zip(got[5], ref[5]):
         assert torch.equal(a.long(), b.long()), "each token goes to the same experts on both paths"
 
 

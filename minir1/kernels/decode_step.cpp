@@ -193,7 +193,7 @@ extern "C" {
 
 // Shapes and constants; mirrors minir1.model.ModelConfig (see fused_decode.py).
 struct Dims {
-    int32_t D, H, C, R, q_rank, V, L, E, top_k, n_group, topk_group, norm_topk;
+    int32_t D, H, C, R, q_rank, V, E, top_k, n_group, topk_group, norm_topk;
     float eps, eps_q, eps_kv, scaling, attention_factor;
     const float* inv_freq;  // [R / 2] rotary frequencies (RotaryEmbedding.inv_freq, YaRN applied)
 };
@@ -214,15 +214,20 @@ struct Layer {
     int32_t Ie;
 };
 
-// B tokens, each with its position pos[b] and its cache row rows[b] (null: row b): a decode step has one
-// token per row; a prefill has a prompt's tokens at positions 0..n-1 of one row (every token's latent
-// is written before any attends, so causality comes from the positions alone). cache [layers, cache
-// rows, S, C + R]; logits [n_logits, pad16(V)] for the tokens in logit_index (null: all B); loads [MoE
-// layers, E] (counts added). Returns 0.
-int minir1_decode_step(const Dims* d, const Layer* layers, const float* embed, const float* final_norm,
-                       const float* lm_head, int B, const int64_t* tokens, const int64_t* pos, const int64_t* rows,
-                       float* cache, int64_t cache_rows, int64_t S, const int64_t* logit_index, int n_logits,
-                       float* logits, int32_t* loads, int threads) {
+// A forward of B tokens through n_layers decoder layers on the latent cache. Token b sits at position
+// pos[b] of cache row rows[b] (null: row b): a decode step has one token per row; a prefill, or a
+// speculative verification, has several tokens of one row at consecutive positions (every token's
+// latent is written before any attends, so causality comes from the positions alone).
+//   input   embed[tokens[b]], or x_in [B, D] when given (an MTP module's projected input)
+//   cache   [cache layers, cache rows, S, C + R]; layers[l] uses cache layer layer_offset + l
+//   output  hidden_out [B, D] (the last layer's output, before the final norm) when given; logits
+//           [n_logits, pad16(V)] after final_norm and lm_head for the tokens in logit_index (null: all)
+//   loads   [MoE layers, E] tokens per expert (added to) when given. Returns 0.
+int minir1_decode_step(const Dims* d, const Layer* layers, int n_layers, int layer_offset, const float* embed,
+                       const float* x_in, const float* final_norm, const float* lm_head, int B, const int64_t* tokens,
+                       const int64_t* pos, const int64_t* rows, float* cache, int64_t cache_rows, int64_t S,
+                       const int64_t* logit_index, int n_logits, float* logits, float* hidden_out, int32_t* loads,
+                       int threads) {
     const int D = d->D, H = d->H, C = d->C, R = d->R, CR = C + R, E = d->E;
     // RotaryEmbedding.forward: angle = position · inv_freq in fp32, scaled by YaRN's attention factor.
     std::vector<float> cos((size_t)B * (R / 2)), sin((size_t)B * (R / 2));
@@ -234,9 +239,11 @@ int minir1_decode_step(const Dims* d, const Layer* layers, const float* embed, c
         }
     const int Dp = pad16(D), NQ = d->q_rank > 0 ? d->q_rank : H * CR, Na = pad16(NQ + CR);
     const int Nq = pad16(H * CR), HC = H * C, HCp = pad16(HC);
-    int maxI = 0;
-    for (int l = 0; l < d->L; l++) maxI = layers[l].I > maxI ? layers[l].I : maxI;
-    const int Ie = d->L ? layers[d->L - 1].Ie : 0;
+    int maxI = 0, Ie = 0;
+    for (int l = 0; l < n_layers; l++) {
+        maxI = layers[l].I > maxI ? layers[l].I : maxI;
+        Ie = layers[l].Ie > Ie ? layers[l].Ie : Ie;
+    }
     const int Iw = pad16(2 * (maxI > Ie ? maxI : Ie));
     std::vector<float> x((size_t)B * Dp, 0.f), xn((size_t)B * Dp, 0.f), a((size_t)B * Na), q((size_t)B * Nq),
         o((size_t)B * HCp, 0.f), h((size_t)B * Iw), rs((size_t)B * pad16(E > 0 ? E : 1)), xe((size_t)B * Dp, 0.f),
@@ -246,12 +253,13 @@ int minir1_decode_step(const Dims* d, const Layer* layers, const float* embed, c
     const float* qsrc;
     const int64_t row_stride = S * CR, layer_stride = cache_rows * row_stride;
 
-    for (int b = 0; b < B; b++) std::memcpy(&x[(size_t)b * Dp], embed + tokens[b] * D, sizeof(float) * D);
+    for (int b = 0; b < B; b++)
+        std::memcpy(&x[(size_t)b * Dp], x_in ? x_in + (size_t)b * D : embed + tokens[b] * D, sizeof(float) * D);
 
     int moe_index = 0;
-    for (int l = 0; l < d->L; l++) {
+    for (int l = 0; l < n_layers; l++) {
         const Layer& ly = layers[l];
-        float* kv = cache + l * layer_stride;
+        float* kv = cache + (layer_offset + l) * layer_stride;
         // ---- attention (DeepSeek-V2 §2.1, decoding with absorbed up-projections) -------------------------
         for (int b = 0; b < B; b++) rmsnorm(&x[(size_t)b * Dp], ly.in_norm, &xn[(size_t)b * Dp], D, d->eps);
         gemm(B, NQ + CR, D, xn.data(), Dp, ly.w_a, a.data(), Na, false, threads);
@@ -392,6 +400,8 @@ int minir1_decode_step(const Dims* d, const Layer* layers, const float* embed, c
             moe_index++;
         }
     }
+    if (hidden_out)
+        for (int b = 0; b < B; b++) std::memcpy(hidden_out + (size_t)b * D, &x[(size_t)b * Dp], sizeof(float) * D);
     const int M = logit_index ? n_logits : B;
     for (int j = 0; j < M; j++)
         rmsnorm(&x[(size_t)(logit_index ? logit_index[j] : j) * Dp], final_norm, &xn[(size_t)j * Dp], D, d->eps);
