@@ -87,12 +87,17 @@ inline void gemm_block(int M, int K, const float* A, int lda, const float* Bp, f
     }
 }
 
-// Columns are split across threads in 16-wide panels; each panel stays in L1 across the row blocks.
+// Columns are split across threads in 16-wide panels; each panel stays in L1 across the row blocks. Rows
+// go in chunks of 48 (a prefill has hundreds), so the chunk of A stays in L2 while every panel passes.
 void gemm(int M, int N, int K, const float* A, int lda, const float* B, float* C, int ldc, bool acc, int threads) {
-    if (M <= 0) return;
-    const int nb = pad16(N) / 16;
+    const int nb = pad16(N) / 16, MC = 48;
+    for (int m0 = 0; m0 < M; m0 += MC) {
+        const int mc = M - m0 < MC ? M - m0 : MC;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && nb > 1)
-    for (int j = 0; j < nb; j++) gemm_block(M, K, A, lda, B + (int64_t)j * K * 16, C + j * 16, ldc, acc);
+        for (int j = 0; j < nb; j++)
+            gemm_block(mc, K, A + (int64_t)m0 * lda, lda, B + (int64_t)j * K * 16, C + (int64_t)m0 * ldc + j * 16, ldc,
+                       acc);
+    }
 }
 
 // ---- elementwise pieces ---------------------------------------------------------------------------------
