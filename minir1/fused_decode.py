@@ -219,6 +219,13 @@ class FusedDecoder:
         cfg = self.model.config
         tokens, positions = tokens.to(torch.long).contiguous(), positions.to(torch.long).contiguous()
         N = tokens.shape[0]
+        # The kernel indexes raw memory: check what it will index (a few microseconds).
+        if N and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size or int(positions.min()) < 0
+                  or int(positions.max()) >= kv.shape[2]):
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}) and positions in [0, {kv.shape[2]}) "
+                             "(the cache's length)")
+        if rows is not None and N and (int(rows.min()) < 0 or int(rows.max()) >= kv.shape[1]):
+            raise ValueError(f"cache rows must be in [0, {kv.shape[1]})")
         n_logits = N if logit_index is None else logit_index.shape[0]
         logits = torch.empty(n_logits, -(-cfg.vocab_size // 16) * 16)
         hidden = torch.empty(N, cfg.hidden_size) if want_hidden else None

@@ -154,8 +154,36 @@ def test_disabled_or_without_a_compiler_the_engine_falls_back(tmp_path):
     assert "native kernel 'decode_step' unavailable" in broken.stderr and "/nonexistent/g++" in broken.stderr
 
 
+def test_a_compiler_without_openmp_builds_a_single_threaded_kernel(tmp_path):
+    """Apple's clang, say: the first build fails on -fopenmp, the second drops it."""
+    import shutil
+    gxx = shutil.which("g++") or shutil.which("c++")
+    fake = tmp_path / "cxx-without-openmp"
+    fake.write_text('#!/bin/sh\n'
+                    'for a in "$@"; do [ "$a" = -fopenmp ] && { echo "no OpenMP here" >&2; exit 1; }; done\n'
+                    f'exec {gxx} "$@"\n')
+    fake.chmod(0o755)
+    out = _engine_in_subprocess({"CXX": str(fake)}, tmp_path / "cache")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["fused", "4"]
+    assert "without OpenMP" in out.stderr
+
+
 def test_a_fresh_cache_compiles_the_kernel(tmp_path):
     out = _engine_in_subprocess({}, tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["fused", "4"]
     assert len(list((tmp_path / "kernels").glob("decode_step-*.so"))) == 1
+
+
+def test_out_of_range_ids_or_positions_are_a_value_error_not_a_crash():
+    model = random_model(2)
+    engine = Engine(model)
+    kv = torch.zeros(model.config.num_hidden_layers, 2, 8, model.config.kv_lora_rank + model.config.qk_rope_head_dim)
+    with torch.inference_mode():
+        engine.fused.forward(kv, torch.tensor([[1], [2]]), torch.tensor([[0], [7]]))  # in range: fine
+        for ids, pos in (([[1], [model.config.vocab_size]], [[0], [1]]), ([[1], [-1]], [[0], [1]]),
+                         ([[1], [2]], [[0], [8]])):
+            with pytest.raises(ValueError, match="token ids must be in"):
+                engine.fused.forward(kv, torch.tensor(ids), torch.tensor(pos))
+

@@ -71,8 +71,12 @@ def build(name: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         proc = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling {source} failed:\n{' '.join(cmd)}\n{proc.stderr.strip()}")
+        if proc.returncode != 0:  # e.g. Apple's clang has no OpenMP: build single-threaded instead
+            serial = [c for c in cmd if c != "-fopenmp" and c not in link]
+            retry = subprocess.run([*serial, "-o", str(out)], capture_output=True, text=True)
+            if retry.returncode != 0:
+                raise RuntimeError(f"compiling {source} failed:\n{' '.join(cmd)}\n{proc.stderr.strip()}")
+            log.warning("minir1: built %s without OpenMP (single-threaded): %s", name, proc.stderr.strip()[:200])
         os.replace(out, target)  # atomic: a concurrent build of the same key just wins or loses the race
     return target
 
