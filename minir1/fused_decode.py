@@ -53,7 +53,8 @@ def pack(weight: Tensor, out: Tensor | None = None) -> Tensor:
         out = torch.empty(shape)
     lib = kernels.load("decode_step")
     if lib is not None:
-        lib.minir1_pack(_P(w.data_ptr()), ctypes.c_int64(w[..., 0, 0].numel()), N, K, _P(out.data_ptr()))
+        lib.minir1_pack(_P(w.data_ptr()), ctypes.c_int64(w[..., 0, 0].numel()), N, K, _P(out.data_ptr()),
+                        torch.get_num_threads())
         return out
     if N % 16:
         w = F.pad(w, (0, 0, 0, 16 - N % 16))

@@ -453,19 +453,22 @@ int minir1_sample(const float* logits, int B, int V, int ld, const float* temper
 }
 
 // Packs `batch` weights W [N, K] (y = x W^T) into panels [ceil(N/16)][K][16], zero-padded (the layout
-// of every weight above); one pass, where a strided PyTorch copy takes several times longer.
-void minir1_pack(const float* w, int64_t batch, int N, int K, float* out) {
-    const int Np = pad16(N);
-    for (int64_t b = 0; b < batch; b++) {
+// of every weight above); one pass over the panels, split across threads, where a strided PyTorch copy
+// takes several times longer. It runs after every weight update (GRPO: every step).
+void minir1_pack(const float* w, int64_t batch, int N, int K, float* out, int threads) {
+    const int nb = pad16(N) / 16;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t p = 0; p < batch * nb; p++) {
+        const int64_t b = p / nb;
+        const int j = (int)(p % nb);
         const float* wb = w + b * (int64_t)N * K;
-        float* ob = out + b * (int64_t)Np * K;
-        for (int j = 0; j < Np / 16; j++)  // rows read in order; a panel (K x 16) stays in L1 while written
-            for (int c = 0; c < 16; c++) {
-                const int n = j * 16 + c;
-                float* o = ob + (int64_t)j * K * 16 + c;
-                const float* r = wb + (int64_t)n * K;
-                for (int k = 0; k < K; k++) o[(int64_t)k * 16] = n < N ? r[k] : 0.f;
-            }
+        float* o = out + (b * nb + j) * (int64_t)K * 16;
+        const int rows = N - j * 16 < 16 ? N - j * 16 : 16;
+        for (int k = 0; k < K; k++) {  // 16 rows read in step, each cache line of the panel written once
+            float* ok = o + (int64_t)k * 16;
+            for (int c = 0; c < rows; c++) ok[c] = wb[(int64_t)(j * 16 + c) * K + k];
+            for (int c = rows; c < 16; c++) ok[c] = 0.f;
+        }
     }
 }
 
