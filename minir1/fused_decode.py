@@ -183,12 +183,14 @@ class FusedDecoder:
     def forward(self, kv: Tensor, ids: Tensor, positions: Tensor, logits_at: Tensor | None = None) -> ModelOutput:
         """The model over ids [B, T] at positions [B, T] of the cache's rows 0..B-1 (kv: LatentCache.kv
         [layers, B, S, C + R], fp32, contiguous), as `Transformer.forward(ids, positions=, cache=)`:
-        logits [B, T, V] (or [B, 1, V] at `logits_at` [B]) and hidden states [B, T, D]."""
+        logits [B, T, V] (or [B, 1, V] at `logits_at` [B]) and, when T > 1 (a prefill or a speculative
+        verification, which MTP drafts from), hidden states [B, T, D]."""
         B, T = ids.shape
-        rows = torch.arange(B).repeat_interleave(T)
+        rows = None if T == 1 else torch.arange(B).repeat_interleave(T)  # None: token b is row b's
         at = None if logits_at is None else torch.arange(B) * T + logits_at.to(torch.long)
-        logits, hidden = self._run(kv, ids.reshape(-1), positions.reshape(-1), rows, at, want_hidden=True)
-        return ModelOutput(logits=logits.view(B, -1, logits.shape[-1]), hidden=hidden.view(B, T, -1))
+        logits, hidden = self._run(kv, ids.reshape(-1), positions.reshape(-1), rows, at, want_hidden=T > 1)
+        return ModelOutput(logits=logits.view(B, -1, logits.shape[-1]),
+                           hidden=None if hidden is None else hidden.view(B, T, -1))
 
     def prefill(self, kv: Tensor, prompts: list[list[int]]) -> Tensor:
         """Every prompt into its cache row (row i of kv: positions 0..len-1), without padding -> the logits
@@ -221,12 +223,14 @@ class FusedDecoder:
         tokens, positions = tokens.to(torch.long).contiguous(), positions.to(torch.long).contiguous()
         N = tokens.shape[0]
         # The kernel indexes raw memory: check what it will index (a few microseconds).
-        if N and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size or int(positions.min()) < 0
-                  or int(positions.max()) >= kv.shape[2]):
-            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}) and positions in [0, {kv.shape[2]}) "
-                             "(the cache's length)")
-        if rows is not None and N and (int(rows.min()) < 0 or int(rows.max()) >= kv.shape[1]):
-            raise ValueError(f"cache rows must be in [0, {kv.shape[1]})")
+        if N:
+            t_lo, t_hi = tokens.aminmax()
+            p_lo, p_hi = positions.aminmax()
+            if t_lo < 0 or t_hi >= cfg.vocab_size or p_lo < 0 or p_hi >= kv.shape[2]:
+                raise ValueError(f"token ids must be in [0, {cfg.vocab_size}) and positions in [0, {kv.shape[2]}) "
+                                 "(the cache's length)")
+            if rows is not None and (int(rows.min()) < 0 or int(rows.max()) >= kv.shape[1]):
+                raise ValueError(f"cache rows must be in [0, {kv.shape[1]})")
         n_logits = N if logit_index is None else logit_index.shape[0]
         logits = torch.empty(n_logits, -(-cfg.vocab_size // 16) * 16)
         hidden = torch.empty(N, cfg.hidden_size) if want_hidden else None
@@ -265,13 +269,13 @@ def native_sample(logits: Tensor, temperatures: Tensor, uniforms: Tensor) -> tup
     under softmax(logits / T) [B]), or None when the native library is unavailable."""
     if not native_sampling(logits):
         return None
-    lib = kernels.load("decode_step")
+    fn = kernels.load("decode_step").minir1_sample
+    if fn.argtypes is None:
+        fn.argtypes = [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P]
     B, V = logits.shape
     temperatures = temperatures.to(torch.float32).contiguous()
     uniforms = uniforms.to(torch.float32).contiguous()
     tokens, logp = torch.empty(B, dtype=torch.long), torch.empty(B)
-    fn = lib.minir1_sample
-    fn.argtypes = [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P]
     fn(logits.data_ptr(), B, V, logits.stride(0), temperatures.data_ptr(), uniforms.data_ptr(), tokens.data_ptr(),
        logp.data_ptr())
     return tokens, logp

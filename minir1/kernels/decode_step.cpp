@@ -251,8 +251,7 @@ int minir1_decode_step(const Dims* d, const Layer* layers, int n_layers, int lay
     }
     const int Iw = pad16(2 * (maxI > Ie ? maxI : Ie));
     std::vector<float> x((size_t)B * Dp, 0.f), xn((size_t)B * Dp, 0.f), a((size_t)B * Na), q((size_t)B * Nq),
-        o((size_t)B * HCp, 0.f), h((size_t)B * Iw), rs((size_t)B * pad16(E > 0 ? E : 1)), xe((size_t)B * Dp, 0.f),
-        ye((size_t)B * Dp);
+        o((size_t)B * HCp, 0.f), h((size_t)B * Iw), rs((size_t)B * pad16(E > 0 ? E : 1));
     std::vector<int> eid((size_t)B * (d->top_k > 0 ? d->top_k : 1));
     std::vector<float> ew(eid.size());
     const float* qsrc;
@@ -379,28 +378,36 @@ int minir1_decode_step(const Dims* d, const Layer* layers, int n_layers, int lay
                     if (loads) loads[moe_index * E + eid[(size_t)b * K + t]] += 1;
                 }
             }
-            // Each expert runs once on the tokens routed to it (gathered; a counting sort by expert), its
-            // output scattered back.
+            // Each expert runs once on the tokens routed to it (gathered; a counting sort by expert), the
+            // experts spread over the threads (one parallel region, not two per expert), each writing its
+            // rows of y; then y is added back to the residual in a fixed order.
             const int ldh = pad16(2 * Ie);
             std::vector<int> start(E + 1, 0), order((size_t)B * K);
             for (int i = 0; i < B * K; i++) start[eid[i] + 1]++;
             for (int e = 0; e < E; e++) start[e + 1] += start[e];
             std::vector<int> fill(start.begin(), start.end() - 1);
             for (int i = 0; i < B * K; i++) order[fill[eid[i]]++] = i;
-            for (int e = 0; e < E; e++) {
-                const int m = start[e + 1] - start[e];
-                if (!m) continue;
-                const int* picked = &order[start[e]];  // (token, slot) pairs i: token i / K
-                for (int j = 0; j < m; j++)
-                    std::memcpy(&xe[(size_t)j * Dp], &xn[(size_t)(picked[j] / K) * Dp], sizeof(float) * D);
-                gemm(m, 2 * Ie, D, xe.data(), Dp, ly.experts_gu + (size_t)e * ldh * D, h.data(), ldh, false, threads);
-                for (int j = 0; j < m; j++) swiglu(&h[(size_t)j * ldh], Ie, ew[picked[j]]);
-                gemm(m, D, Ie, h.data(), ldh, ly.experts_down + (size_t)e * Dp * Ie, ye.data(), Dp, false, threads);
-                for (int j = 0; j < m; j++) {
-                    float* xr = &x[(size_t)(picked[j] / K) * Dp];
-                    const float* yr = &ye[(size_t)j * Dp];
-                    for (int i = 0; i < D; i++) xr[i] += yr[i];
+            std::vector<float> y((size_t)B * K * Dp);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+            {
+                std::vector<float> xt((size_t)B * Dp), ht((size_t)B * ldh);
+#pragma omp for schedule(dynamic, 1)
+                for (int e = 0; e < E; e++) {
+                    const int m = start[e + 1] - start[e];
+                    if (!m) continue;
+                    const int* picked = &order[start[e]];  // (token, slot) pairs i: token i / K
+                    for (int j = 0; j < m; j++)
+                        std::memcpy(&xt[(size_t)j * Dp], &xn[(size_t)(picked[j] / K) * Dp], sizeof(float) * D);
+                    gemm(m, 2 * Ie, D, xt.data(), Dp, ly.experts_gu + (size_t)e * ldh * D, ht.data(), ldh, false, 1);
+                    for (int j = 0; j < m; j++) swiglu(&ht[(size_t)j * ldh], Ie, ew[picked[j]]);
+                    gemm(m, D, Ie, ht.data(), ldh, ly.experts_down + (size_t)e * Dp * Ie, &y[(size_t)start[e] * Dp],
+                         Dp, false, 1);
                 }
+            }
+            for (int i = 0; i < B * K; i++) {
+                float* xr = &x[(size_t)(order[i] / K) * Dp];
+                const float* yr = &y[(size_t)i * Dp];
+                for (int c = 0; c < D; c++) xr[c] += yr[c];
             }
             moe_index++;
         }
