@@ -157,8 +157,9 @@ def completion_logprobs(model: Transformer, ids: Tensor, prompt_lens: Tensor, co
     picked = model(ids[:, :-1], logits_at=index).float()  # the head only where completion tokens are predicted
     logp_all = (picked / (temperature if temperature > 0 else 1.0)).log_softmax(-1)
     targets = ids.gather(1, (index + 1).clamp_max(ids.shape[1] - 1))
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp_all.gather(-1, targets[..., None]).squeeze(-1), entropy.detach()
+    with torch.no_grad():  # a metric: keep it out of the autograd graph
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(-1, targets[..., None]).squeeze(-1), entropy
 
 
 # --------------------------------------------------------------------------------------------------
