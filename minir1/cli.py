@@ -132,6 +132,7 @@ def generate(args: argparse.Namespace) -> int:
         line = f"[{st['generated_tokens']} tokens in {st['seconds']:.2f}s, {st['tokens_per_s']:.1f} tokens/s"
         if "acceptance_rate" in st:
             line += f", MTP acceptance {st['acceptance_rate']:.0%}"
+        line += ", fused native decode" if engine.fused is not None else ", PyTorch decode"
         print(line + "]", file=sys.stderr)
     return 0
 

@@ -8,6 +8,7 @@ import sys
 
 from minir1 import ModelConfig, Transformer
 from minir1.cli import main
+from minir1.kernels import load as load_kernel
 
 
 def test_info_preset(capsys):
@@ -59,6 +60,7 @@ def test_generate_prints_a_completion(chat_ckpt, capsys):
                  "--temperature", "0", "--stats"]) == 0
     out = capsys.readouterr()
     assert out.out.startswith("<think>\n") and "tokens/s" in out.err
+    assert ("fused native decode" if load_kernel("decode_step") is not None else "PyTorch decode") in out.err
 
 
 def test_generate_n_and_speculative(chat_ckpt, capsys):
