@@ -68,6 +68,7 @@ def build(name: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("minir1: compiling the native kernel %s into %s (once per machine, a few seconds)", name, target)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         proc = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True)
