@@ -187,9 +187,7 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     if untruncated(params) and native_sampling(logits):  # one native call, the same random draws
         B = logits.shape[0]
         u = torch.rand(B, generator=generator) if params.temperature > 0 else torch.zeros(B)
-        fast = native_sample(logits, torch.full((B,), float(params.temperature)), u)
-        if fast is not None:
-            return fast
+        return native_sample(logits, torch.full((B,), float(params.temperature)), u)
     logp = process_logits(logits, params)
     tokens = logp.argmax(-1) if params.temperature == 0 else categorical(logp.exp(), generator)
     return tokens, token_logprobs(logits, tokens, params.temperature)
@@ -253,8 +251,9 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.last_stats: dict[str, float] = {}
-        # One native call per decode step when the model and machine allow it (minir1/fused_decode.py);
-        # the PyTorch path below stays the reference and handles prefill and speculative steps.
+        # Every forward on the cache (prefill, decode, speculative verification, MTP draft) in one native
+        # call when the model and machine allow it (minir1/fused_decode.py); the PyTorch path below stays
+        # the reference, and runs everything otherwise.
         self.fused = FusedDecoder.for_model(model) if fused else None
 
     # -- validation ------------------------------------------------------------------------------------
@@ -371,9 +370,10 @@ class Engine:
         positions = torch.arange(T, device=device).expand(P, T)
         cache = LatentCache(n_layers, P, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                             self.model.embed_tokens.weight.dtype, device)
-        if self._fused_ok(cache) and n_layers == cfg.num_hidden_layers:  # unpadded (speculation needs the
-            out = ModelOutput(logits=self.fused.prefill(cache.kv, [list(p) for p in prompts])[:, None],  # hidden
-                              hidden=None)                                                            # states)
+        if self._fused_ok(cache) and n_layers == cfg.num_hidden_layers:
+            # Unpadded; with speculation (an MTP cache layer) the padded forward below gives hidden states.
+            logits = self.fused.prefill(cache.kv, [list(p) for p in prompts])
+            out = ModelOutput(logits=logits[:, None], hidden=None)
         else:
             out = self._forward(cache, ids, positions, logits_at=last)
         fan_out = torch.arange(P, device=device).repeat_interleave(torch.tensor(samples, device=device))

@@ -21,7 +21,6 @@ import ctypes
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from minir1 import kernels
@@ -51,14 +50,9 @@ def pack(weight: Tensor, out: Tensor | None = None) -> Tensor:
     shape = (*w.shape[:-2], -(-N // 16), K, 16)
     if out is None or tuple(out.shape) != shape:
         out = torch.empty(shape)
-    lib = kernels.load("decode_step")
-    if lib is not None:
-        lib.minir1_pack(_P(w.data_ptr()), ctypes.c_int64(w[..., 0, 0].numel()), N, K, _P(out.data_ptr()),
-                        torch.get_num_threads())
-        return out
-    if N % 16:
-        w = F.pad(w, (0, 0, 0, 16 - N % 16))
-    return out.copy_(w.unflatten(-2, (-1, 16)).transpose(-1, -2))
+    kernels.load("decode_step").minir1_pack(_P(w.data_ptr()), ctypes.c_int64(w[..., 0, 0].numel()), N, K,
+                                            _P(out.data_ptr()), torch.get_num_threads())
+    return out
 
 
 def _unsupported(model: Transformer) -> str | None:
@@ -98,10 +92,9 @@ class FusedDecoder:
 
     # -- packing ----------------------------------------------------------------------------------------
     def _current_signature(self) -> tuple:
-        moe = [m for m in self.model.modules() if isinstance(m, MoE)]
-        return tuple((p.data_ptr(), p._version) for p in self.model.parameters()) + \
-            tuple((b.data_ptr(), b._version) for b in (self.model.rotary.inv_freq,
-                                                        *(m.gate.e_score_correction_bias for m in moe)))
+        biases = (m.gate.e_score_correction_bias for m in self.model.moe_layers())
+        return tuple((t.data_ptr(), t._version) for t in (*self.model.parameters(), self.model.rotary.inv_freq,
+                                                           *biases))
 
     def _packed(self, key: str, weight: Tensor) -> int:
         """Pack into last time's buffer for `key` (fresh pages would cost more than the packing)."""
@@ -262,13 +255,11 @@ def native_sampling(logits: Tensor) -> bool:
             and logits.stride(-1) == 1 and kernels.load("decode_step") is not None)
 
 
-def native_sample(logits: Tensor, temperatures: Tensor, uniforms: Tensor) -> tuple[Tensor, Tensor] | None:
+def native_sample(logits: Tensor, temperatures: Tensor, uniforms: Tensor) -> tuple[Tensor, Tensor]:
     """minir1.engine.sample without truncation (no top-k / top-p / min-p), every row in one native call:
     logits [B, V]; temperatures [B] (0 = greedy); uniforms [B], the U(0, 1) draw of each sampled row (the
     same numbers the PyTorch path draws from the same generator). -> (tokens [B], their log-probabilities
-    under softmax(logits / T) [B]), or None when the native library is unavailable."""
-    if not native_sampling(logits):
-        return None
+    under softmax(logits / T) [B]). Call it only where native_sampling(logits) holds."""
     fn = kernels.load("decode_step").minir1_sample
     if fn.argtypes is None:
         fn.argtypes = [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P]

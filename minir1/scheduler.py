@@ -205,15 +205,11 @@ class Scheduler:
         """Each request's rows with its own parameters and generator: in one native call when no request
         truncates its distribution (each draws its uniforms from its own generator, as `sample` would)."""
         if native_sampling(logits) and all(untruncated(r.params) for r, _ in slots):
-            temps, draws = [], []
-            for r, _ in slots:
-                temps.append(r.params.temperature)
-            for r, count in self._row_counts(slots):
-                draws.append(torch.rand(count, generator=r.generator) if r.params.temperature > 0
-                             else torch.zeros(count))
-            fast = native_sample(logits, torch.tensor(temps), torch.cat(draws))
-            if fast is not None:
-                return fast[0], fast[1].tolist()
+            temps = torch.tensor([r.params.temperature for r, _ in slots])
+            draws = [torch.rand(count, generator=r.generator) if r.params.temperature > 0 else torch.zeros(count)
+                     for r, count in self._row_counts(slots)]
+            tokens, logps = native_sample(logits, temps, torch.cat(draws))
+            return tokens, logps.tolist()
         tokens = torch.empty(len(slots), dtype=torch.long, device=logits.device)
         logps = torch.empty(len(slots), device=logits.device)
         by_request: dict[int, list[int]] = {}

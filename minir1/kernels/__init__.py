@@ -76,7 +76,8 @@ def build(name: str) -> Path:
             serial = [c for c in cmd if c != "-fopenmp" and c not in link]
             retry = subprocess.run([*serial, "-o", str(out)], capture_output=True, text=True)
             if retry.returncode != 0:
-                raise RuntimeError(f"compiling {source} failed:\n{' '.join(cmd)}\n{proc.stderr.strip()}")
+                raise RuntimeError(f"compiling {source} failed:\n{' '.join(cmd)}\n{proc.stderr.strip()}\n"
+                                   f"and without OpenMP:\n{retry.stderr.strip()}")
             log.warning("minir1: built %s without OpenMP (single-threaded): %s", name, proc.stderr.strip()[:200])
         os.replace(out, target)  # atomic: a concurrent build of the same key just wins or loses the race
     return target

@@ -254,7 +254,6 @@ int minir1_decode_step(const Dims* d, const Layer* layers, int n_layers, int lay
         o((size_t)B * HCp, 0.f), h((size_t)B * Iw), rs((size_t)B * pad16(E > 0 ? E : 1));
     std::vector<int> eid((size_t)B * (d->top_k > 0 ? d->top_k : 1));
     std::vector<float> ew(eid.size());
-    const float* qsrc;
     const int64_t row_stride = S * CR, layer_stride = cache_rows * row_stride;
 
     for (int b = 0; b < B; b++)
@@ -270,18 +269,17 @@ int minir1_decode_step(const Dims* d, const Layer* layers, int n_layers, int lay
         if (d->q_rank > 0) {
             for (int b = 0; b < B; b++) rmsnorm(&a[(size_t)b * Na], ly.q_a_norm, &a[(size_t)b * Na], NQ, d->eps_q);
             gemm(B, H * CR, NQ, a.data(), Na, ly.w_q, q.data(), Nq, false, threads);
-            qsrc = q.data();
-        } else {
-            qsrc = a.data();
         }
+        float* qsrc = d->q_rank > 0 ? q.data() : a.data();  // per head [latent query (C) | rope query (R)]
         const int ldq = d->q_rank > 0 ? Nq : Na;
         for (int b = 0; b < B; b++) {
-            float* qb = const_cast<float*>(qsrc) + (size_t)b * ldq;
-            for (int hh = 0; hh < H; hh++) rope(qb + hh * CR + C, &cos[(size_t)b * (R / 2)], &sin[(size_t)b * (R / 2)], qb + hh * CR + C, R);
+            const float *cb = &cos[(size_t)b * (R / 2)], *sb = &sin[(size_t)b * (R / 2)];
+            float* qb = qsrc + (size_t)b * ldq;
+            for (int hh = 0; hh < H; hh++) rope(qb + hh * CR + C, cb, sb, qb + hh * CR + C, R);
             float* slot = kv + (rows ? rows[b] : b) * row_stride + pos[b] * CR;
             const float* lat = &a[(size_t)b * Na + NQ];
             rmsnorm(lat, ly.kv_norm, slot, C, d->eps_kv);
-            rope(lat + C, &cos[(size_t)b * (R / 2)], &sin[(size_t)b * (R / 2)], slot + C, R);
+            rope(lat + C, cb, sb, slot + C, R);
         }
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && B > 1)
         for (int b = 0; b < B; b++) {

@@ -90,6 +90,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether FSDP2 sharded this parameter (a DTensor)."""
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
 def full_model_state(model: nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
     """The unsharded model state (a collective under FSDP: every process must call it): on the first
     process only, on the CPU (for checkpoints), or on every process (`everywhere`, to generate from)."""

@@ -257,7 +257,7 @@ def build_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimiz
     # DTensor parameters keep the foreach path.
     params = decay + other
     fused = (bool(params) and params[0].device.type in ("cpu", "cuda")
-             and not any(type(p).__name__ == "DTensor" for p in params))
+             and not any(distributed.is_sharded(p) for p in params))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None,
                              foreach=None if fused else True)
 
