@@ -3,8 +3,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.test-deps
+# apt-get install as root, or through sudo.
+apt_install = { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $(1); }
 
-.PHONY: install test test-all lint bench speedrun clean
+.PHONY: install test-deps test test-all lint bench speedrun clean
 
 install: $(STAMP)
 
@@ -13,20 +17,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	@# The web chat's browser test drives Debian's Chromium (nothing is downloaded by a test tool); the
-	@# engine's native decode step is compiled on first use with g++ (without it, the PyTorch path runs).
-	command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v g++ >/dev/null || \
-		{ if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-		  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver g++; }
+	@# The engine's native decode step is compiled on first use with g++ (without it, the PyTorch path runs).
+	command -v g++ >/dev/null || $(call apt_install,g++)
 	touch $(STAMP)
+
+# Only the tests need a browser (the web chat's test drives Debian's Chromium; nothing is downloaded by a
+# test tool), so `make speedrun` never installs one.
+test-deps: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || $(call apt_install,chromium chromium-driver)
+	touch $(TEST_STAMP)
 
 speedrun: install
 	$(BIN)/minir1 speedrun --out runs/speedrun
 
-test: install
+test: install test-deps
 	$(BIN)/python -m pytest -q
 
-test-all: install
+test-all: install test-deps
 	$(BIN)/python -m pytest -q -m ''
 
 lint: install

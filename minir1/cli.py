@@ -71,10 +71,10 @@ def _ckpt_args(p: argparse.ArgumentParser) -> None:
 def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    g.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6, as R1 recommends)")
+    g.add_argument("--temperature", type=number, default=0.6, help="0 = greedy (default 0.6, as R1 recommends)")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--top-p", type=number, default=0.95)
+    g.add_argument("--min-p", type=number, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     g.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
@@ -89,11 +89,10 @@ def _sampling_params(args: argparse.Namespace, **extra):
 
 def load_for_inference(ckpt: str, device: str | None = None):
     """(model, tokenizer) from a checkpoint directory, on `device`, in eval mode."""
-    import torch
-
+    from minir1.devices import resolve_device
     from minir1.model import Transformer
     from minir1.tokenizer import Tokenizer
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     tokenizer = Tokenizer.from_pretrained(ckpt)
     model = Transformer.from_pretrained(ckpt, device=device).eval()
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -155,6 +154,22 @@ def chat(args: argparse.Namespace) -> int:
 # training stages: every field of ModelConfig / TrainConfig is a flag
 # --------------------------------------------------------------------------------------------------
 
+def integer(value: str) -> int | None:
+    """argparse type for integer flags ("none" = unset); its name is what argparse's error shows."""
+    return None if value.lower() == "none" else int(value)
+
+
+def number(value: str) -> float:
+    """argparse type for float flags; rejects nan and inf, which no setting means."""
+    x = float(value)
+    if x != x or x in (float("inf"), float("-inf")):
+        raise ValueError(value)
+    return x
+
+
+number.__name__ = "finite number"
+
+
 def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, title: str, skip: Sequence[str] = (),
                         defaults: dict | None = None) -> None:
     """`--field-name` for each field of a config dataclass (None default = keep the dataclass's)."""
@@ -173,10 +188,9 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, title: str, skip:
         if hint == "<class 'bool'>" or hint == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif "int" in hint and "float" not in hint:
-            group.add_argument(flag, type=lambda v: None if v.lower() == "none" else int(v), default=default,
-                               metavar="N")
+            group.add_argument(flag, type=integer, default=default, metavar="N")
         elif "float" in hint:
-            group.add_argument(flag, type=float, default=default, metavar="X")
+            group.add_argument(flag, type=number, default=default, metavar="X")
         else:
             group.add_argument(flag, default=default)
 
@@ -195,7 +209,8 @@ def _rank() -> int:
 
 def _train_config(args: argparse.Namespace, **defaults):
     from minir1.train import TrainConfig
-    cfg = TrainConfig(**{**defaults, **dataclass_overrides(args, TrainConfig)})
+    from minir1.train.loop import resolve_micro_batch
+    cfg = resolve_micro_batch(TrainConfig(**{**defaults, **dataclass_overrides(args, TrainConfig)}))
     cfg.validate()
     return cfg
 
@@ -212,12 +227,14 @@ def _stage_args(p: argparse.ArgumentParser, model_flags: bool) -> None:
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help="model preset to start from (default: tiny)")
     p.add_argument("--tokenizer", help="a tokenizer directory (default: train one on the task)")
-    p.add_argument("--mtp-weight", type=float, default=0.3, help="λ, the weight of the MTP loss")
+    p.add_argument("--mtp-weight", type=number, default=0.3, help="λ, the weight of the MTP loss")
     _stage_args(p, model_flags=True)
 
 
 @command("pretrain", "pretrain a DeepSeek-V3 model (MLA, MoE, MTP) on a task's documents")(_pretrain_args)
 def pretrain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from minir1.model import ModelConfig, Transformer
     from minir1.tasks import get_task
     from minir1.tokenizer import Tokenizer
@@ -232,13 +249,12 @@ def pretrain(args: argparse.Namespace) -> int:
     if args.tokenizer:
         tokenizer = Tokenizer.from_pretrained(args.tokenizer)
     else:
-        from pathlib import Path
-        existing = Path(cfg.out) / "tokenizer.json"
-        tokenizer = (Tokenizer.from_pretrained(cfg.out) if cfg.resume and existing.is_file()
+        # A resumed run continues with its checkpoint's tokenizer; nothing is written to --out before the run
+        # completes (the loop publishes the tokenizer with the weights).
+        from minir1.train.loop import latest_checkpoint
+        ckpt = latest_checkpoint(Path(cfg.out)) if cfg.resume else None
+        tokenizer = (Tokenizer.from_pretrained(ckpt) if ckpt is not None
                      else train_tokenizer(task, model_cfg.vocab_size, cfg.seed, show_progress=cfg.progress))
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        if _rank() == 0:  # under torchrun every process trains the same tokenizer; one writes it
-            tokenizer.save_pretrained(cfg.out)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but vocab_size is {model_cfg.vocab_size}")
     model_cfg = model_cfg.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
@@ -294,9 +310,21 @@ def _task_sampling_args(p: argparse.ArgumentParser, n_help: str, samples: int, s
     p.add_argument("--n", type=int, default=100, help=n_help)
     p.add_argument("--samples", type=int, default=samples, help=samples_help)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=temperature, help=temperature_help)
+    p.add_argument("--temperature", type=number, default=temperature, help=temperature_help)
     p.add_argument("--template", default="chat", choices=["chat", "r1-zero"])
     p.add_argument("--seed", type=int, default=0)
+
+
+def _output_file(path: str | None, flag: str = "--out") -> None:
+    """An output file's path is checked before the work that fills it."""
+    from pathlib import Path
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; name a file")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise ValueError(f"{flag} {path}: {p.parent} is not a directory")
 
 
 def _task_and_checkpoint(args: argparse.Namespace):
@@ -304,6 +332,11 @@ def _task_and_checkpoint(args: argparse.Namespace):
     from minir1.tasks import get_task
     if args.n < 1 or args.samples < 1:
         raise ValueError(f"--n ({args.n}) and --samples ({args.samples}) must be >= 1")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens ({args.max_new_tokens}) must be >= 1")
+    if args.temperature is not None and args.temperature < 0:
+        raise ValueError(f"--temperature ({args.temperature}) must be >= 0")
+    _output_file(args.out)
     task = get_task(args.task)
     model, tokenizer = load_for_inference(args.ckpt, args.device)
     return task, model, tokenizer
@@ -330,7 +363,8 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
           f"{at_k}format {res['format_rate']:.3f}  mean length {res['mean_completion_tokens']:.1f} tokens")
     safe = "".join(ch if ch.isalnum() else "_" for ch in args.task.split(":")[0])
     out = Path(args.out) if args.out else Path(args.ckpt) / f"eval_{safe}.json"
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    from minir1.files import write_json
+    write_json(out, res)
     print(f"written to {out}")
     return 0
 
@@ -356,12 +390,12 @@ def grpo(args: argparse.Namespace) -> int:
     gcfg.validate()
     completions = gcfg.prompts_per_step * gcfg.group_size
     steps = args.steps if args.steps is not None else 50
-    micro = args.micro_batch_size or completions
+    micro = min(args.micro_batch_size, completions) if args.micro_batch_size else 0  # 0: chosen for the processes
     if args.batch_size not in (None, completions):
         raise ValueError(f"GRPO's batch is prompts_per_step x group_size ({completions} completions); "
                          f"drop --batch-size ({args.batch_size}) or change those two")
     cfg = _train_config(args, out="runs/grpo", lr=1e-4, warmup_steps=0, schedule="constant",
-                        batch_size=completions, micro_batch_size=min(micro, completions), weight_decay=0.0,
+                        batch_size=completions, micro_batch_size=micro, weight_decay=0.0,
                         route_bias_speed=0.0)
     cfg.steps = steps * gcfg.mu
     cfg.batch_size = completions
@@ -428,6 +462,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                                                   "(default: $MINIR1_API_KEY if set, else no key)")
     p.add_argument("--max-batch", type=int, default=32, help="rows (requests x n) decoded together")
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: minir1)")
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="larger request bodies get 413 (default: room for a full context, at least 1 MiB)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="without --api-key only Host headers naming this machine (localhost, 127.0.0.1, [::1], "
+                        "the bound address) are served, against DNS rebinding; add a name (repeatable)")
+    p.add_argument("--allow-any-host", action="store_true", help="accept any Host header (e.g. behind a proxy)")
 
 
 @command("serve", "an OpenAI/DeepSeek-compatible API with continuous batching, and a web chat at /")(_serve_args)
@@ -439,8 +479,11 @@ def serve_cmd(args: argparse.Namespace) -> int:
         raise ValueError(f"--port ({args.port}) must be between 1 and 65535")
     if args.max_batch < 1:
         raise ValueError(f"--max-batch ({args.max_batch}) must be >= 1")
+    if args.max_request_bytes is not None and args.max_request_bytes < 1024:
+        raise ValueError(f"--max-request-bytes ({args.max_request_bytes}) must be >= 1024")
     serve(args.ckpt, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("MINIR1_API_KEY"),
-          max_batch=args.max_batch, served_model_name=args.served_model_name, device=args.device)
+          max_batch=args.max_batch, served_model_name=args.served_model_name, device=args.device,
+          max_request_bytes=args.max_request_bytes, allowed_hosts=None if args.allow_any_host else args.allowed_host)
     return 0
 
 
@@ -460,10 +503,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from minir1.files import DiskFullError
     from minir1.train.loop import TrainingError
     try:
         return COMMANDS[args.command][2](args)
-    except (FileNotFoundError, ValueError, TrainingError) as e:  # config, checkpoint, task, data errors
+    except (FileNotFoundError, ValueError, TrainingError, DiskFullError) as e:  # config, checkpoint, data, disk
         print(f"minir1 {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

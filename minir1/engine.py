@@ -49,6 +49,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (need a tokenizer)
     seed: int | None = None
     logprobs: bool = False
+    top_logprobs: int = 0             # with logprobs: the most likely alternatives per token (the server's)
     speculative: bool = False         # MTP self-speculative decoding
 
     def validate(self) -> None:
@@ -64,6 +65,12 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1] (got {self.min_p!r})")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be a positive integer (got {self.n!r})")
+        if not math.isfinite(self.temperature) or not math.isfinite(self.top_p) or not math.isfinite(self.min_p):
+            raise ValueError("temperature, top_p and min_p must be finite numbers")
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(x, str) and x for x in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings (got {self.stop!r})")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be an integer in [0, 20] (got {self.top_logprobs!r})")
 
 
 @dataclass
@@ -84,6 +91,7 @@ class StreamEvent:
     logprob: float | None
     text: str                         # new text since the previous event of this row ("" if held back)
     finish_reason: str | None         # set on the row's last event
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, log-probability), most likely first
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,6 +289,9 @@ class Engine:
             raise ValueError("speculative=True needs a model with MTP modules (num_nextn_predict_layers > 0)")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an Engine with a tokenizer")
+        if params.top_logprobs:
+            raise ValueError("top_logprobs is returned by the server's scheduler (minir1.scheduler), not by "
+                             "Engine.generate / Engine.stream")
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise ValueError("prompts must be a list of token-id lists")
         errors = [e for i, p in enumerate(prompts) if (e := self.check_prompt(i, p, params))]

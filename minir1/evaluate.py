@@ -24,6 +24,7 @@ class EvalConfig:
     top_p: float = 0.95
     template: str = "chat"
     seed: int = 0
+    at_most: bool = False        # a split with fewer than n distinct problems: use them all instead of failing
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -40,9 +41,8 @@ def _vote_key(answer: str) -> str:
 
 def evaluate(model: Transformer, tokenizer: Tokenizer, task: Task, cfg: EvalConfig | None = None) -> dict[str, Any]:
     cfg = cfg or EvalConfig()
-    problems = task.take(cfg.n, "test", cfg.seed)
-    if not problems:
-        raise ValueError("the task's held-out split has no problems")
+    # Distinct problems: a held-out figure over n problems means n different ones.
+    problems = task.take(cfg.n, "test", cfg.seed, distinct=True, at_most=cfg.at_most)
     temperature = cfg.temperature if cfg.temperature is not None else (0.0 if cfg.samples == 1 else 0.6)
     prompts, opened = zip(*(build_prompt(tokenizer, p.question, cfg.template) for p in problems))
     engine = Engine(model, tokenizer)
@@ -74,7 +74,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, task: Task, cfg: EvalConf
     samples = [s for ss in per_problem for s in ss]
     thinking = [s["thinking_tokens"] for s in samples if s["thinking_tokens"] is not None]
     return {
-        "task": getattr(task, "spec", task.name), "problems": len(problems), "samples": k,
+        "task": getattr(task, "spec", task.name), "problems": len(problems),
+        "problems_distinct": len({p.question for p in problems}), "samples": k,
         "temperature": temperature, "pass@1": pass1, f"pass@{k}": passk, f"maj@{k}": maj / len(problems),
         "format_rate": sum(s["format"] for s in samples) / len(samples),
         "mean_completion_tokens": sum(s["length"] for s in samples) / len(samples),

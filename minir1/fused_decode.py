@@ -199,6 +199,8 @@ class FusedDecoder:
         """MTP depth 1 (DeepSeek-V3 §2.2) over hidden [B, T, D] and the next tokens [B, T] at positions
         [B, T], its block on the cache layer after the main model's -> logits [B, T, V]."""
         model = self.model
+        if not len(model.mtp):
+            raise ValueError("fused decode step: this model has no MTP module")
         module = model.mtp[0]
         B, T = next_ids.shape
         with torch.inference_mode():
@@ -214,21 +216,18 @@ class FusedDecoder:
             self._pack()
         cfg = self.model.config
         tokens, positions = tokens.to(torch.long).contiguous(), positions.to(torch.long).contiguous()
+        rows = None if rows is None else rows.to(torch.long).contiguous()
+        logit_index = None if logit_index is None else logit_index.to(torch.long).contiguous()
+        x_in = None if x_in is None else x_in.float().contiguous()
+        if mtp and not len(self.model.mtp):
+            raise ValueError("fused decode step: this model has no MTP module")
+        layers_needed = cfg.num_hidden_layers + (1 if mtp else 0)
+        self._check(kv, tokens, positions, rows, logit_index, x_in, layers_needed)
         N = tokens.shape[0]
-        # The kernel indexes raw memory: check what it will index (a few microseconds).
-        if N:
-            t_lo, t_hi = tokens.aminmax()
-            p_lo, p_hi = positions.aminmax()
-            if t_lo < 0 or t_hi >= cfg.vocab_size or p_lo < 0 or p_hi >= kv.shape[2]:
-                raise ValueError(f"token ids must be in [0, {cfg.vocab_size}) and positions in [0, {kv.shape[2]}) "
-                                 "(the cache's length)")
-            if rows is not None and (int(rows.min()) < 0 or int(rows.max()) >= kv.shape[1]):
-                raise ValueError(f"cache rows must be in [0, {kv.shape[1]})")
         n_logits = N if logit_index is None else logit_index.shape[0]
         logits = torch.empty(n_logits, -(-cfg.vocab_size // 16) * 16)
         hidden = torch.empty(N, cfg.hidden_size) if want_hidden else None
         loads = None if mtp else torch.zeros(len(self._moe), cfg.n_routed_experts, dtype=torch.int32)
-        x_in = None if x_in is None else x_in.float().contiguous()
         layers, n_layers = (self._mtp_layers, 1) if mtp else (self._layers, cfg.num_hidden_layers)
 
         def ptr(t: Tensor | None) -> int | None:
@@ -243,6 +242,43 @@ class FusedDecoder:
                 m.last_load.copy_(load)
         return logits[:, :cfg.vocab_size], hidden
 
+    def _check(self, kv: Tensor, tokens: Tensor, positions: Tensor, rows: Tensor | None, logit_index: Tensor | None,
+               x_in: Tensor | None, layers_needed: int) -> None:
+        """Everything the kernel indexes raw memory with, checked first (a few microseconds): a wrong input is
+        a ValueError, never a read or write out of bounds."""
+        cfg = self.model.config
+
+        def fail(msg: str) -> None:
+            raise ValueError(f"fused decode step: {msg}")
+
+        if not self.supports(kv):
+            fail(f"the cache must be a contiguous fp32 CPU tensor [layers, rows, S, {cfg.kv_lora_rank} + "
+                 f"{cfg.qk_rope_head_dim}], got {kv.dtype} {tuple(kv.shape)} on {kv.device}")
+        if kv.shape[0] < layers_needed:
+            fail(f"the cache has {kv.shape[0]} layers, this forward needs {layers_needed}")
+        if tokens.dim() != 1 or positions.shape != tokens.shape:
+            fail(f"tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} must be one flat list each")
+        N = tokens.shape[0]
+        if N == 0:
+            fail("no tokens")
+        t_lo, t_hi = tokens.aminmax()
+        p_lo, p_hi = positions.aminmax()
+        if t_lo < 0 or t_hi >= cfg.vocab_size or p_lo < 0 or p_hi >= kv.shape[2]:
+            fail(f"token ids must be in [0, {cfg.vocab_size}) and positions in [0, {kv.shape[2]}) (the cache's "
+                 "length)")
+        if rows is None:
+            if N > kv.shape[1]:
+                fail(f"{N} tokens, one per cache row, but the cache has {kv.shape[1]} rows")
+        elif rows.shape != tokens.shape or int(rows.min()) < 0 or int(rows.max()) >= kv.shape[1]:
+            fail(f"cache rows must be one per token, in [0, {kv.shape[1]})")
+        if logit_index is not None and (logit_index.dim() != 1 or len(logit_index) == 0 or
+                                        int(logit_index.min()) < 0 or int(logit_index.max()) >= N):
+            fail(f"logit positions must be a non-empty flat list in [0, {N})")
+        if x_in is not None and (x_in.dtype != torch.float32 or tuple(x_in.shape) != (N, cfg.hidden_size)
+                                 or not x_in.is_contiguous()):
+            fail(f"the MTP input must be contiguous fp32 [{N}, {cfg.hidden_size}], got {x_in.dtype} "
+                 f"{tuple(x_in.shape)}")
+
     def supports(self, kv: Tensor) -> bool:
         cfg = self.model.config
         return (kv.dtype == torch.float32 and kv.is_contiguous() and kv.device.type == "cpu"
@@ -252,7 +288,8 @@ class FusedDecoder:
 def native_sampling(logits: Tensor) -> bool:
     """Whether native_sample takes these logits (fp32 rows on the CPU, the library available)."""
     return (logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() == 2
-            and logits.stride(-1) == 1 and kernels.load("decode_step") is not None)
+            and logits.stride(-1) == 1 and logits.stride(0) >= logits.shape[1]
+            and kernels.load("decode_step") is not None)
 
 
 def native_sample(logits: Tensor, temperatures: Tensor, uniforms: Tensor) -> tuple[Tensor, Tensor]:
@@ -263,9 +300,15 @@ def native_sample(logits: Tensor, temperatures: Tensor, uniforms: Tensor) -> tup
     fn = kernels.load("decode_step").minir1_sample
     if fn.argtypes is None:
         fn.argtypes = [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P]
+    if not native_sampling(logits) or logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise ValueError(f"native sampling takes non-empty fp32 CPU logits [B, V] with unit column stride, got "
+                         f"{logits.dtype} {tuple(logits.shape)} on {logits.device}")
     B, V = logits.shape
     temperatures = temperatures.to(torch.float32).contiguous()
     uniforms = uniforms.to(torch.float32).contiguous()
+    if temperatures.shape != (B,) or uniforms.shape != (B,):
+        raise ValueError(f"native sampling needs one temperature and one uniform per row ({B}), got "
+                         f"{tuple(temperatures.shape)} and {tuple(uniforms.shape)}")
     tokens, logp = torch.empty(B, dtype=torch.long), torch.empty(B)
     fn(logits.data_ptr(), B, V, logits.stride(0), temperatures.data_ptr(), uniforms.data_ptr(), tokens.data_ptr(),
        logp.data_ptr())

@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from minir1 import files
 from minir1.model import YARN_KEYS, ConfigError, ModelConfig, Transformer
 
 CONFIG_FILE = "config.json"
@@ -139,11 +140,7 @@ def config_from_hf(d: dict[str, Any], source: str = CONFIG_FILE) -> ModelConfig:
 def read_config(path: Path) -> ModelConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (a checkpoint directory needs a {CONFIG_FILE})")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from e
-    return config_from_hf(data, source=str(path))
+    return config_from_hf(files.read_json(path, ConfigError), source=str(path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,20 +258,34 @@ def save_pretrained(model: Transformer, path: str | Path, *, max_shard_bytes: in
         tensors[name] = t.clone() if ptr in seen else t
         seen.add(ptr)
     shards = _shards(tensors, max_shard_bytes)
-    for stale in [path / WEIGHTS_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)
+    # Everything is written to a staging folder first, then renamed into place: a kill or a full disk
+    # while writing leaves the previous checkpoint as it was (minir1/files.py).
+    for name, t in tensors.items():  # a diverged model is never written over a good one
+        check_finite(name, t, f"{path}: refusing to save")
+    with files.replacing(path, stale=(WEIGHTS_FILE, INDEX_FILE, "model-*-of-*.safetensors")) as staging:
+        write_weights(staging, shards, config_to_hf(model.config, dtype))
+
+
+def check_finite(name: str, t: Tensor, where: str, hint: str = "") -> None:
+    """Raise CheckpointError if a floating tensor holds a NaN or an infinity, naming it."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{where}: tensor '{name}' has {bad} non-finite value(s) (NaN or infinity){hint}")
+
+
+def write_weights(directory: Path, shards: list[dict[str, Tensor]], config: dict[str, Any]) -> None:
     if len(shards) == 1:
-        save_file(shards[0], path / WEIGHTS_FILE, metadata={"format": "pt"})
+        save_file(shards[0], directory / WEIGHTS_FILE, metadata={"format": "pt"})
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, path / fname, metadata={"format": "pt"})
+            save_file(shard, directory / fname, metadata={"format": "pt"})
             weight_map.update({name: fname for name in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    (path / CONFIG_FILE).write_text(json.dumps(config_to_hf(model.config, dtype), indent=2) + "\n")
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,15 +297,16 @@ def weight_files(path: Path) -> dict[str, Path]:
     """Map each tensor name to the safetensors file that holds it."""
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-        files = {name: path / fname for name, fname in weight_map.items()}
-        for f in set(files.values()):
-            if not f.is_file():
-                raise CheckpointError(f"{index}: names shard {f.name}, which does not exist")
-        return files
+        data = files.read_json(index, CheckpointError)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: not a valid safetensors index (expected a 'weight_map' object of "
+                                  "tensor name -> file name)")
+        by_name = {name: path / fname for name, fname in weight_map.items()}
+        for f in set(by_name.values()):
+            if f.parent != path or not f.is_file():
+                raise CheckpointError(f"{index}: names shard {f.name}, which does not exist in {path}")
+        return by_name
     single = path / WEIGHTS_FILE
     if not single.is_file():
         found = sorted(p.name for p in path.iterdir())
@@ -367,6 +379,8 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None,
         with safe_open(f, "pt") as h:
             for name in names:
                 tensors[name] = h.get_tensor(name)
+                check_finite(name, tensors[name], str(f), ": the run that wrote it diverged; use an earlier "
+                                                          "checkpoint")
     state = from_hf(tensors, model)
     model = model.to_empty(device=device)
     if config.tie_word_embeddings:

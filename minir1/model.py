@@ -130,10 +130,14 @@ class ModelConfig:
             if self.num_experts_per_tok > self.topk_group * per_group:
                 fail(f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= topk_group x experts per group "
                      f"({self.topk_group} x {per_group})")
+        for name in ("routed_scaling_factor", "rope_theta", "rms_norm_eps", "aux_loss_alpha", "initializer_range"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                fail(f"{name} ({v!r}) must be a finite number")
         if self.routed_scaling_factor <= 0:
             fail(f"routed_scaling_factor ({self.routed_scaling_factor}) must be > 0")
-        if self.rope_theta <= 0:
-            fail(f"rope_theta ({self.rope_theta}) must be > 0")
+        if self.rope_theta <= 1:
+            fail(f"rope_theta ({self.rope_theta}) must be > 1")
         if self.rms_norm_eps <= 0:
             fail(f"rms_norm_eps ({self.rms_norm_eps}) must be > 0")
         if self.aux_loss_alpha < 0:
@@ -145,11 +149,19 @@ class ModelConfig:
             kind = rs.get("type", rs.get("rope_type", "yarn"))
             if kind != "yarn":
                 fail(f"rope_scaling.type ({kind!r}) is not supported: only 'yarn' (DeepSeek-V3's) is")
-            if "factor" not in rs or not isinstance(rs["factor"], (int, float)) or rs["factor"] < 1:
+
+            def number(v: Any) -> bool:
+                return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+            if not number(rs.get("factor")) or rs["factor"] < 1:
                 fail(f"rope_scaling.factor ({rs.get('factor')!r}) must be a number >= 1")
             omp = rs.get("original_max_position_embeddings")
-            if not isinstance(omp, int) or omp <= 0:
+            if not isinstance(omp, int) or isinstance(omp, bool) or omp <= 0:
                 fail(f"rope_scaling.original_max_position_embeddings ({omp!r}) must be a positive integer")
+            for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                v = rs.get(key)
+                if v is not None and (not number(v) or v < 0):
+                    fail(f"rope_scaling.{key} ({v!r}) must be null or a finite number >= 0")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, int) and 0 <= v < self.vocab_size):
@@ -427,19 +439,37 @@ class Router(nn.Module):
     def forward(self, x_ND: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """-> (weights [N, K], expert ids [N, K], affinities [N, E]). Routing runs in fp32."""
         scores = F.linear(x_ND.float(), self.weight.float()).sigmoid()
-        choice = scores.detach() + self.e_score_correction_bias.float()  # the bias picks, never weighs
+        # The bias picks, never weighs. NaN ranks as -inf, so that routing is total: exactly top_k distinct
+        # experts for any scores (NaN, ±inf, ties), chosen as the native decode step chooses them.
+        choice = _rank_key(scores.detach() + self.e_score_correction_bias.float())
+        allowed = None
         if self.n_group > 1 and self.topk_group < self.n_group:
             # Rank groups by the sum of their two best biased affinities; keep topk_group of them.
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
-            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
-            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_scores = _rank_key(grouped.topk(2, dim=-1).values.sum(-1))
+            keep = _top_indices(group_scores, self.topk_group)
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
-        ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+            allowed = group_mask[..., None].expand_as(grouped).flatten(1)
+        ids = _top_indices(choice, self.top_k, allowed)
         weights = scores.gather(1, ids)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return weights * self.scaling, ids, scores
+
+
+def _rank_key(x: Tensor) -> Tensor:
+    """Scores as ranking keys: NaN ranks lowest (as -inf)."""
+    return x.masked_fill(x.isnan(), float("-inf"))
+
+
+def _top_indices(keys: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
+    """[N, E] -> [N, k]: the k distinct columns ranked first by (allowed, key, lower index). Two stable
+    sorts: ties go to the lower index, so the choice is deterministic and matches the native kernel's."""
+    order = keys.sort(dim=-1, descending=True, stable=True).indices
+    if allowed is not None:
+        order = order.gather(1, allowed.gather(1, order).to(torch.int8).sort(
+            dim=-1, descending=True, stable=True).indices)
+    return order[:, :k]
 
 
 def grouped_linear(x_sorted: Tensor, weight_EOI: Tensor, counts_E: Tensor) -> Tensor:

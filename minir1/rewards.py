@@ -16,11 +16,14 @@ other digit systems compare as text. LaTeX answers are checked with math-verify 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import re
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -95,14 +98,58 @@ def parse_number(text: str) -> Fraction | None:
     return Fraction(s)
 
 
+class TimeBudget:
+    """Seconds that a whole batch's LaTeX checks may take together. math-verify stops one slow comparison
+    after its own limit (2-3 s); a GRPO batch full of them would still take minutes. Past the budget, what
+    is left scores as wrong, at once, and is counted in `timeouts`."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.spent, self.timeouts = seconds, 0.0, 0
+
+    def remaining(self) -> float:
+        return self.seconds - self.spent
+
+
+_budget: contextvars.ContextVar[TimeBudget | None] = contextvars.ContextVar("minir1_reward_budget", default=None)
+
+
+@contextlib.contextmanager
+def time_budget(budget: TimeBudget | float) -> Iterator[TimeBudget]:
+    """`with time_budget(10) as b:` bounds the LaTeX checking of every reward computed inside (a TimeBudget
+    may be passed to share one budget across several blocks)."""
+    budget = budget if isinstance(budget, TimeBudget) else TimeBudget(budget)
+    token = _budget.set(budget)
+    try:
+        yield budget
+    finally:
+        _budget.reset(token)
+
+
 def _latex_equal(response: str, answer: str, timeout_s: int = 2) -> bool:
-    """math-verify's verdict under its own time limit. The limit uses SIGALRM, so it only works in the
-    main thread; elsewhere LaTeX answers are not compared (a worker thread could not be stopped, and a
-    pathological expression would keep burning CPU long after the reward returned)."""
+    """math-verify's verdict under its own time limit, and under the batch's TimeBudget when one is set.
+    The limit uses SIGALRM, so it only works in the main thread; elsewhere LaTeX answers are not compared
+    (a worker thread could not be stopped, and a pathological expression would keep burning CPU long after
+    the reward returned)."""
     if len(response) > MAX_LATEX_CHARS or len(answer) > MAX_LATEX_CHARS:
         return False
     if threading.current_thread() is not threading.main_thread():
         return False
+    budget = _budget.get()
+    if budget is not None:
+        left = budget.remaining()
+        if left < 1:  # math-verify's limits are whole seconds
+            budget.timeouts += 1
+            return False
+        timeout_s = max(1, min(timeout_s, int(left)))
+        start = time.monotonic()
+        try:
+            return _math_verify_equal(response, answer, timeout_s)
+        finally:
+            budget.spent += time.monotonic() - start
+    return _math_verify_equal(response, answer, timeout_s)
+
+
+def _math_verify_equal(response: str, answer: str, timeout_s: int) -> bool:
     try:
         from math_verify import parse, verify
     except ImportError:

@@ -183,6 +183,7 @@ class Scheduler:
             new_slots += [(r, row) for row in r.rows]
             self.stats["requests"] += 1
         tokens, logps = self._sample(pre.logits, new_slots)
+        tops = self._top_logprobs(pre.logits, new_slots)
         if self._cache is None or not self._slots:
             self._cache = pre.cache
         else:
@@ -190,15 +191,16 @@ class Scheduler:
         self._slots += new_slots
         self._tokens = torch.cat((self._tokens, tokens))
         self._pos = torch.cat((self._pos, pre.pos))
-        self._emit(new_slots, tokens.tolist(), logps)
+        self._emit(new_slots, tokens.tolist(), logps, tops)
         self.stats["max_rows"] = max(self.stats["max_rows"], len(self._slots))
 
     def _step(self) -> None:
         out = self.engine._forward(self._cache, self._tokens[:, None], self._pos[:, None])
         tokens, logps = self._sample(out.logits[:, 0], self._slots)
+        tops = self._top_logprobs(out.logits[:, 0], self._slots)
         self._pos = self._pos + 1
         self._tokens = tokens
-        self._emit(self._slots, tokens.tolist(), logps)
+        self._emit(self._slots, tokens.tolist(), logps, tops)
         self.stats["steps"] += 1
 
     def _sample(self, logits: Tensor, slots: list[tuple[Request, _Row]]) -> tuple[Tensor, list[float]]:
@@ -233,14 +235,33 @@ class Scheduler:
                 runs.append((r, 1))
         return runs
 
-    def _emit(self, slots: list[tuple[Request, _Row]], tokens: list[int], logps: list[float]) -> None:
-        for (r, row), tok, lp in zip(slots, tokens, logps):
+    @staticmethod
+    def _top_logprobs(logits: Tensor, slots: list[tuple[Request, _Row]]) -> list[list[tuple[int, float]] | None]:
+        """For the rows whose request asked for top_logprobs: the most likely tokens under softmax(logits / T),
+        the distribution the chosen token's logprob is reported under."""
+        tops: list[list[tuple[int, float]] | None] = [None] * len(slots)
+        want = [i for i, (r, _) in enumerate(slots) if r.params.logprobs and r.params.top_logprobs > 0]
+        if not want:
+            return tops
+        at = torch.tensor(want, device=logits.device)
+        temps = torch.tensor([slots[i][0].params.temperature or 1.0 for i in want], device=logits.device)
+        logp = (logits.index_select(0, at).float() / temps[:, None]).log_softmax(-1)
+        k = max(slots[i][0].params.top_logprobs for i in want)
+        values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        for j, i in enumerate(want):
+            n = slots[i][0].params.top_logprobs
+            tops[i] = list(zip(ids[j, :n].tolist(), values[j, :n].tolist()))
+        return tops
+
+    def _emit(self, slots: list[tuple[Request, _Row]], tokens: list[int], logps: list[float],
+              tops: list[list[tuple[int, float]] | None]) -> None:
+        for (r, row), tok, lp, top in zip(slots, tokens, logps, tops):
             if row.finish_reason or r.cancelled:
                 continue
             self.stats["generated_tokens"] += 1
             text = self.engine._append(row, tok, lp, r.params, r.stop_ids, self.engine.tokenizer is not None)
             r.deliver(StreamEvent(0, row.sample_index, tok, lp if r.params.logprobs else None, text,
-                                  row.finish_reason))
+                                  row.finish_reason, top))
             if row.finish_reason:
                 r.finished_rows += 1
                 if r.finished_rows == len(r.rows):

@@ -20,15 +20,16 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from html import escape
 from importlib import resources
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minir1.engine import Engine, SamplingParams, StreamEvent
@@ -73,16 +74,46 @@ class _Mailbox:
             q.put_nowait(item)
 
 
+def _printable(text: str | None) -> str | None:
+    """Text that is safe to send back: what the client sent may not be valid Unicode."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return {"error": {"message": _printable(message), "type": type, "param": _printable(param),
+                      "code": _printable(code)}}
 
 
 # --------------------------------------------------------------------------------------------------
 # Request bodies (extra fields ignored)
 # --------------------------------------------------------------------------------------------------
 
+def _lone_surrogate(value: Any, depth: int = 0) -> bool:
+    """Does a parsed JSON value hold a string that cannot be UTF-8 (a lone surrogate such as "\\ud800")?"""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if depth > 64:
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k, depth + 1) or _lone_surrogate(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_lone_surrogate(v, depth + 1) for v in value)
+    return False
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8_only(cls, data: Any) -> Any:
+        if _lone_surrogate(data):
+            raise ValueError("a string holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode text")
+        return data
 
 
 class ContentPart(_Body):
@@ -120,20 +151,99 @@ class _Sampling(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=5)   # the legacy API: this many alternatives per token
+
+
+# --------------------------------------------------------------------------------------------------
+# Guards in front of the routes: request size, Host header
+# --------------------------------------------------------------------------------------------------
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _host_name(header: str) -> str:
+    """'example.com:8000' -> 'example.com'; '[::1]:8000' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _reject(status: int, message: str, code: str) -> JSONResponse:
+    return JSONResponse(error_body(message, "invalid_request_error", code=code), status_code=status)
+
+
+class Guard:
+    """ASGI middleware: refuses request bodies over `max_body_bytes` (413) before they are read into memory,
+    and, when `allowed_hosts` is given, requests whose Host header names another host (a web page reaching a
+    localhost server through DNS rebinding sends its own host name)."""
+
+    def __init__(self, app: Any, max_body_bytes: int, allowed_hosts: set[str] | None) -> None:
+        self.app, self.max_body_bytes, self.allowed_hosts = app, max_body_bytes, allowed_hosts
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.allowed_hosts is not None:
+            host = _host_name(headers.get("host", ""))
+            if host not in self.allowed_hosts:
+                return await _reject(421, f"Host {host!r} is not served here; start the server with --allowed-host "
+                                          f"{host or 'NAME'} to accept it", "host_not_allowed")(scope, receive, send)
+        limit = self.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await _reject(413, f"the request body is over this server's limit of {limit:,} bytes "
+                                      "(--max-request-bytes)", "request_too_large")(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # a chunked body without Content-Length
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await _reject(413, f"the request body is over this server's limit of {limit:,} bytes "
+                               "(--max-request-bytes)", "request_too_large")(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
 
 
 # --------------------------------------------------------------------------------------------------
 # The app
 # --------------------------------------------------------------------------------------------------
 
+def default_max_request_bytes(context: int) -> int:
+    """Room for a prompt that fills the context even when every token is a JSON escape: 1 MiB at least."""
+    return max(2**20, 64 * context)
+
+
 def create_app(model: Transformer, tokenizer: Tokenizer, *, served_model_name: str = "minir1",
-               api_key: str | None = None, max_batch: int = 32, shutdown_timeout: float = 30.0) -> FastAPI:
+               api_key: str | None = None, max_batch: int = 32, shutdown_timeout: float = 30.0,
+               max_request_bytes: int | None = None, allowed_hosts: Sequence[str] | None = (),
+               bound_host: str | None = None) -> Any:
+    """The ASGI app. `allowed_hosts`: host names accepted beyond localhost's when no API key is set (None:
+    any Host header, e.g. behind a reverse proxy that checks it)."""
     engine = Engine(model.eval(), tokenizer)
     context = model.config.max_position_embeddings
+    # The longest token, in UTF-8 bytes: a text of L bytes has at least L / this many tokens, so an over-long
+    # prompt is refused before it is tokenised.
+    max_token_bytes = max(1, max(len(tokenizer.decode([i]).encode("utf-8", "replace"))
+                                 for i in range(tokenizer.vocab_size)))
     end_think = tokenizer.token_to_id(END_THINK)
     state: dict[str, Any] = {}
 
@@ -203,6 +313,23 @@ def create_app(model: Transformer, tokenizer: Tokenizer, *, served_model_name: s
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{served_model_name}'.",
                            "not_found_error", "model", "model_not_found")
 
+    def check_length(texts: Sequence[str], param: str) -> None:
+        """Refuse, before tokenising, a text so long that its tokens cannot fit the context."""
+        size = sum(len(t.encode("utf-8")) for t in texts)
+        if size // max_token_bytes > context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens; the {param} has "
+                                f"{size:,} bytes, at least {size // max_token_bytes:,} tokens.", param=param,
+                           code="context_length_exceeded")
+
+    def token_entry(token_id: int, logprob: float | None) -> dict[str, Any]:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def chat_logprobs(ev: StreamEvent) -> dict[str, Any]:
+        entry = token_entry(ev.token_id, ev.logprob)
+        entry["top_logprobs"] = [token_entry(i, v) for i, v in ev.top_logprobs or []]
+        return entry
+
     def sampling(body: _Sampling, prompt_len: int, max_tokens: int | None) -> SamplingParams:
         room = context - prompt_len
         if max_tokens is None:
@@ -222,7 +349,17 @@ def create_app(model: Transformer, tokenizer: Tokenizer, *, served_model_name: s
             raise APIError(400, f"n ({body.n}) exceeds this server's max batch ({max_batch})", param="n")
         return SamplingParams(max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else
                               body.temperature, top_p=1.0 if body.top_p is None else body.top_p, n=body.n,
-                              stop=[s for s in stop if s], seed=None if body.seed is None else body.seed % 2**63)
+                              stop=[s for s in stop if s], seed=None if body.seed is None else body.seed % 2**63,
+                              **logprob_params(body))
+
+    def logprob_params(body: _Sampling) -> dict[str, Any]:
+        if isinstance(body, ChatCompletionRequest):
+            if body.top_logprobs and not body.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            return {"logprobs": body.logprobs, "top_logprobs": body.top_logprobs or 0}
+        if isinstance(body, CompletionRequest) and body.logprobs is not None:
+            return {"logprobs": True, "top_logprobs": body.logprobs}
+        return {}
 
     async def submit(request: Request, prompt: list[int], params: SamplingParams):
         """-> (scheduler request, asyncio queue of its events)."""
@@ -289,7 +426,9 @@ def create_app(model: Transformer, tokenizer: Tokenizer, *, served_model_name: s
                     for m in body.messages if m.role != "tool"]
         if not messages:
             raise APIError(400, "messages: no system, user or assistant message", param="messages")
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        check_length([m["content"] for m in messages], "messages")
+        # Off the event loop: a long prompt must not stall /health and the other clients' streams.
+        prompt = await asyncio.to_thread(tokenizer.apply_chat_template, messages, add_generation_prompt=True)
         opened = tokenizer.decode(prompt[-4:]).endswith(THINK + "\n")
         params = sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens)
         req, q = await submit(request, prompt, params)
@@ -327,10 +466,15 @@ def create_app(model: Transformer, tokenizer: Tokenizer, *, served_model_name: s
                             parts = splitters[ev.sample_index].feed(ev.text)
                             if ev.finish_reason:
                                 parts += splitters[ev.sample_index].flush()
+                            lp = {"logprobs": {"content": [chat_logprobs(ev)]}} if params.logprobs else {}
+                            if lp and not parts:  # the token's text is held back: its logprob is not
+                                out.append(chunk([{"index": ev.sample_index, "delta": {}, "finish_reason": None,
+                                                   **lp}]))
                             for kind, text in parts:  # a delta carries reasoning or content, never both
                                 key = "reasoning_content" if kind == "reasoning" else "content"
                                 out.append(chunk([{"index": ev.sample_index, "delta": {key: text},
-                                                   "finish_reason": None}]))
+                                                   "finish_reason": None, **lp}]))
+                                lp = {}
                             if ev.finish_reason:
                                 out.append(chunk([{"index": ev.sample_index, "delta": {},
                                                    "finish_reason": ev.finish_reason}]))
@@ -345,11 +489,14 @@ def create_app(model: Transformer, tokenizer: Tokenizer, *, served_model_name: s
 
         texts = [""] * params.n
         finish: list[str | None] = [None] * params.n
+        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(params.n)]
         try:
             async for batch in events(request, req, q, watch=True):
                 for ev in batch:
                     count(ev)
                     texts[ev.sample_index] += ev.text
+                    if params.logprobs:
+                        logprobs[ev.sample_index].append(chat_logprobs(ev))
                     finish[ev.sample_index] = ev.finish_reason or finish[ev.sample_index]
         except ServerShuttingDown as e:
             raise APIError(503, str(e), "server_error", code="shutting_down") from e
@@ -360,7 +507,8 @@ def create_app(model: Transformer, tokenizer: Tokenizer, *, served_model_name: s
             content = "".join(t for k, t in parts if k == "content").strip()
             choices.append({"index": i, "message": {"role": "assistant", "content": content,
                                                     "reasoning_content": reasoning or None},
-                            "finish_reason": finish[i] or "length", "logprobs": None})
+                            "finish_reason": finish[i] or "length",
+                            "logprobs": {"content": logprobs[i]} if params.logprobs else None})
         return {"id": rid, "object": "chat.completion", "created": created, "model": served_model_name,
                 "choices": choices, "usage": usage()}
 
@@ -373,11 +521,25 @@ def create_app(model: Transformer, tokenizer: Tokenizer, *, served_model_name: s
             text = body.prompt[0]
         else:
             text = body.prompt
-        prompt = tokenizer.encode(text, add_bos=True)
+        check_length([text], "prompt")
+        prompt = await asyncio.to_thread(tokenizer.encode, text, add_bos=True)
         params = sampling(body, len(prompt), body.max_tokens or min(16, max(context - len(prompt), 1)))
+
+        def legacy_logprobs(evs: list[StreamEvent], offset: int = 0) -> dict[str, Any] | None:
+            if not params.logprobs:
+                return None
+            tokens = [tokenizer.decode([ev.token_id]) for ev in evs]
+            offsets, at = [], offset
+            for ev in evs:
+                offsets.append(at)
+                at += len(ev.text)
+            return {"tokens": tokens, "token_logprobs": [ev.logprob for ev in evs],
+                    "top_logprobs": [{tokenizer.decode([i]): v for i, v in ev.top_logprobs or []} for ev in evs],
+                    "text_offset": offsets}
         req, q = await submit(request, prompt, params)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         tokens = [0] * params.n
+        sent = [0] * params.n
 
         def usage() -> dict[str, Any]:
             return {"prompt_tokens": len(prompt), "completion_tokens": sum(tokens),
@@ -393,8 +555,10 @@ def create_app(model: Transformer, tokenizer: Tokenizer, *, served_model_name: s
                             out.append("data: " + json.dumps({
                                 "id": rid, "object": "text_completion", "created": created,
                                 "model": served_model_name, "choices": [{
-                                    "index": ev.sample_index, "text": ev.text, "logprobs": None,
+                                    "index": ev.sample_index, "text": ev.text,
+                                    "logprobs": legacy_logprobs([ev], sent[ev.sample_index]),
                                     "finish_reason": ev.finish_reason}]}) + "\n\n")
+                            sent[ev.sample_index] += len(ev.text)
                         yield "".join(out)
                     if body.stream_options and body.stream_options.include_usage:
                         yield "data: " + json.dumps({"id": rid, "object": "text_completion", "created": created,
@@ -406,36 +570,46 @@ def create_app(model: Transformer, tokenizer: Tokenizer, *, served_model_name: s
             return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
         texts, finish = [""] * params.n, ["length"] * params.n
+        evs: list[list[StreamEvent]] = [[] for _ in range(params.n)]
         try:
             async for batch in events(request, req, q, watch=True):
                 for ev in batch:
                     tokens[ev.sample_index] += 1
                     texts[ev.sample_index] += ev.text
+                    evs[ev.sample_index].append(ev)
                     finish[ev.sample_index] = ev.finish_reason or finish[ev.sample_index]
         except ServerShuttingDown as e:
             raise APIError(503, str(e), "server_error", code="shutting_down") from e
         return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
-                "choices": [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish[i]}
+                "choices": [{"index": i, "text": texts[i], "logprobs": legacy_logprobs(evs[i]),
+                             "finish_reason": finish[i]}
                             for i in range(params.n)], "usage": usage()}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         html = resources.files("minir1").joinpath("static/chat.html").read_text(encoding="utf-8")
-        return HTMLResponse(html.replace("{{MODEL}}", served_model_name)
+        return HTMLResponse(html.replace("{{MODEL}}", escape(served_model_name))
                             .replace("{{MAX_TOKENS}}", str(min(256, context // 2))))
 
-    return app
+    if allowed_hosts is not None and api_key is None:  # without a key, only this machine's names (DNS rebinding)
+        hosts = {*LOCAL_HOSTS, *(h.lower() for h in allowed_hosts)}
+        if bound_host and bound_host not in ("0.0.0.0", "::", ""):
+            hosts.add(_host_name(bound_host))
+        return Guard(app, max_request_bytes or default_max_request_bytes(context), hosts)
+    return Guard(app, max_request_bytes or default_max_request_bytes(context), None)
 
 
 def serve(ckpt: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 32, served_model_name: str | None = None, device: str | None = None) -> None:
+          max_batch: int = 32, served_model_name: str | None = None, device: str | None = None,
+          max_request_bytes: int | None = None, allowed_hosts: Sequence[str] | None = ()) -> None:
     import uvicorn
 
     from minir1.cli import load_for_inference
     _GracefulServer = _graceful_server_class()
     model, tokenizer = load_for_inference(ckpt, device)
     name = served_model_name or "minir1"
-    app = create_app(model, tokenizer, served_model_name=name, api_key=api_key, max_batch=max_batch)
+    app = create_app(model, tokenizer, served_model_name=name, api_key=api_key, max_batch=max_batch,
+                     max_request_bytes=max_request_bytes, allowed_hosts=allowed_hosts, bound_host=host)
     print(f"serving {ckpt} as '{name}' on http://{host}:{port} (web chat at /, API at /v1)", flush=True)
     # SIGTERM and Ctrl-C shut down gracefully: no new connections, in-flight requests finish (up to the
     # timeout), the lifespan closes the scheduler, and the process exits 0.

@@ -176,7 +176,7 @@ class Speedrun:
         c = self.cfg
         model, tokenizer = load_for_inference(str(self.out / ckpt))
         res = evaluate(model, tokenizer, get_task(c.task), EvalConfig(
-            n=c.eval_n, samples=c.eval_samples, max_new_tokens=c.max_new_tokens, seed=c.seed))
+            n=c.eval_n, samples=c.eval_samples, max_new_tokens=c.max_new_tokens, seed=c.seed, at_most=True))
         return {k: v for k, v in res.items() if k != "examples"} | {"example": res["examples"][0]}
 
     def _sample(self, ckpt: str, out: str, n: int) -> dict[str, Any]:

@@ -19,6 +19,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
+from minir1 import files
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 PAD = "<｜▁pad▁｜>"
@@ -161,8 +163,11 @@ class Tokenizer:
 
     # -- files -----------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        """tokenizer.json and tokenizer_config.json, published together (written aside, then renamed)."""
+        with files.replacing(path) as staging:
+            self._write(staging)
+
+    def _write(self, path: Path) -> None:
         self.backend.save(str(path / TOKENIZER_FILE))
         config: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -189,10 +194,7 @@ class Tokenizer:
         config: dict[str, Any] = {}
         cfg_file = path / TOKENIZER_CONFIG_FILE
         if cfg_file.is_file():
-            try:
-                config = json.loads(cfg_file.read_text())
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{cfg_file}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from e
+            config = files.read_json(cfg_file, TokenizerError)
             if not isinstance(config, dict):
                 raise TokenizerError(f"{cfg_file}: expected a JSON object")
         template = config.get("chat_template")
@@ -200,7 +202,7 @@ class Tokenizer:
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
         if (path / CHAT_TEMPLATE_FILE).is_file():
-            template = (path / CHAT_TEMPLATE_FILE).read_text()
+            template = files.read_text(path / CHAT_TEMPLATE_FILE, TokenizerError)
         vocab = backend.get_vocab(with_added_tokens=True)
 
         def special(key: str, default: str) -> str | None:

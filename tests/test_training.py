@@ -118,7 +118,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_tokenizer
     model = small_model(tiny_tokenizer)
     stage = NaNAtStep3(get_task(TASK), tiny_tokenizer, seq_len=32, micro_batch_size=2)
     cfg = TrainConfig(out=str(tmp_path), steps=10, batch_size=2, seq_len=32, save_every=2, progress=False)
-    with pytest.raises(TrainingError, match=r"step 3: non-finite loss .* the last good checkpoint is .*step-00000002"):
+    with pytest.raises(TrainingError, match=r"step 3: non-finite loss .* before the optimizer step.*"
+                       r"step-00000002 \(step 2, loss \d"):
         train(model, tiny_tokenizer, stage, cfg)
     assert (tmp_path / "checkpoints" / "step-00000002" / "model.safetensors").is_file()
 
@@ -263,10 +264,12 @@ def test_pretrain_sft_grpo_and_rejection_sampling_end_to_end(tmp_path, capsys):
     assert sum_last(rows, 20)["mtp_loss"] < 0.2 * rows[0]["mtp_loss"]
     assert main(["sft", "--init", str(tmp_path / "pt"), "--task", task, "--steps", "60",
                  "--out", str(tmp_path / "sft"), *common]) == 0
-    assert main(["eval", "--ckpt", str(tmp_path / "sft"), "--task", task, "--n", "60", "--max-new-tokens", "64",
+    # The held-out split of one-digit + and − has 18 distinct problems: asking for more is a clear error.
+    assert main(["eval", "--ckpt", str(tmp_path / "sft"), "--task", task, "--n", "60", "--max-new-tokens", "8"]) == 1
+    assert main(["eval", "--ckpt", str(tmp_path / "sft"), "--task", task, "--n", "18", "--max-new-tokens", "64",
                  "--out", str(tmp_path / "eval.json")]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["problems"] == 60 and result["format_rate"] > 0.3
+    assert result["problems"] == result["problems_distinct"] == 18 and result["format_rate"] > 0.3
     assert result["pass@1"] >= 0.1, result
     # GRPO's fast smoke (the slow test in test_grpo.py shows held-out accuracy rising): 30 steps raise the
     # held-out format rate, and every per-step metric the issue lists is written. The format rate is that of

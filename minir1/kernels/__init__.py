@@ -27,6 +27,10 @@ import torch
 log = logging.getLogger(__name__)
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# MINIR1_SANITIZE=1 builds with AddressSanitizer and UBSan instead (for tests: the Python process must then
+# preload libasan, see tests/test_hardening.py).
+SANITIZE_FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                  "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
 
@@ -62,7 +66,8 @@ def build(name: str) -> Path:
     lib_dir = _torch_lib()
     # Link the OpenMP runtime torch ships (when it ships one), so both share one thread pool.
     link = [f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}"] if (lib_dir / "libgomp.so.1").exists() else []
-    cmd = [cxx, *FLAGS, str(source), *link]
+    flags = SANITIZE_FLAGS if os.environ.get("MINIR1_SANITIZE") == "1" else FLAGS
+    cmd = [cxx, *flags, str(source), *link]
     key = hashlib.sha256("\0".join([source.read_text(), *cmd, _cpu_signature(), torch.__version__]).encode())
     target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if target.exists():

@@ -29,6 +29,9 @@ namespace {
 
 inline int pad16(int n) { return (n + 15) / 16 * 16; }
 
+// A routing score as a ranking key: NaN ranks lowest (as -inf), so that selection is total.
+inline float rank_key(float x) { return x != x ? -INFINITY : x; }
+
 // ---- GEMM: C[M, N] (+)= A[M, K] · B, B packed as above ------------------------------------------------
 #if defined(__AVX2__) && defined(__FMA__)
 template <int MR>
@@ -124,6 +127,7 @@ inline void rope(const float* x, const float* cos, const float* sin, float* out,
 // time: glibc's expf is scalar, and the exponentials of softmax, SiLU and sampling were a fifth of a
 // decode step. The scalar version is the same formula for tails and non-AVX2 builds.
 inline float exp1(float x) {
+    if (x != x) return x;  // NaN stays NaN (and never reaches the float-to-int conversion below)
     const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
     const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
@@ -332,20 +336,24 @@ int minir1_decode_step(const Dims* d, const Layer* layers, int n_layers, int lay
             for (int b = 0; b < B; b++) {
                 float* sc = &rs[(size_t)b * Ep];
                 float choice[1024];
+                bool allowed[1024], taken[1024];
                 for (int e = 0; e < E; e++) {
                     sc[e] = 1.f / (1.f + std::exp(-sc[e]));
-                    choice[e] = sc[e] + ly.bias[e];
+                    choice[e] = rank_key(sc[e] + ly.bias[e]);
+                    allowed[e] = true;
+                    taken[e] = false;
                 }
                 if (d->n_group > 1 && d->topk_group < d->n_group) {  // group-limited routing
                     const int G = d->n_group, per = E / G;
                     float gs[256];
                     for (int g = 0; g < G; g++) {
                         float m1 = -INFINITY, m2 = -INFINITY;
-                        for (int e = g * per; e < (g + 1) * per; e++) {
-                            const float v = choice[e];
-                            if (v > m1) { m2 = m1; m1 = v; } else if (v > m2) { m2 = v; }
-                        }
-                        gs[g] = m1 + (per > 1 ? m2 : 0.f);
+                        int i1 = -1;
+                        for (int e = g * per; e < (g + 1) * per; e++)
+                            if (i1 < 0 || choice[e] > m1) { m1 = choice[e]; i1 = e; }
+                        for (int e = g * per; e < (g + 1) * per; e++)
+                            if (e != i1 && choice[e] > m2) m2 = choice[e];
+                        gs[g] = rank_key(m1 + m2);
                     }
                     bool keep[256] = {false};
                     for (int t = 0; t < d->topk_group; t++) {
@@ -355,19 +363,23 @@ int minir1_decode_step(const Dims* d, const Layer* layers, int n_layers, int lay
                         keep[best] = true;
                     }
                     for (int g = 0; g < G; g++)
-                        if (!keep[g])
-                            for (int e = g * per; e < (g + 1) * per; e++) choice[e] = -INFINITY;
+                        for (int e = g * per; e < (g + 1) * per; e++) allowed[e] = keep[g];
                 }
+                // Exactly K distinct experts whatever the scores: allowed before not, then the larger key
+                // (NaN ranks as -inf), then the lower index; the PyTorch Router ranks the same way.
                 float total = 0.f;
                 for (int t = 0; t < K; t++) {
                     int best = -1;
-                    for (int e = 0; e < E; e++)
-                        if (choice[e] > -INFINITY && (best < 0 || choice[e] > choice[best])) best = e;
-                    if (best < 0) best = 0;
+                    for (int e = 0; e < E; e++) {
+                        if (taken[e]) continue;
+                        if (best < 0 || (allowed[e] && !allowed[best]) ||
+                            (allowed[e] == allowed[best] && choice[e] > choice[best]))
+                            best = e;
+                    }
+                    taken[best] = true;
                     eid[(size_t)b * K + t] = best;
                     ew[(size_t)b * K + t] = sc[best];
                     total += sc[best];
-                    choice[best] = -INFINITY;
                 }
                 for (int t = 0; t < K; t++) {
                     float w = ew[(size_t)b * K + t];

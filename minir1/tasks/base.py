@@ -26,14 +26,21 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed object) for each non-blank line; errors name the file and the line."""
     if not path.is_file():
         raise TaskError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1})") from None
             if not line.strip():
                 continue
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+                raise TaskError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise TaskError(f"{path}:{lineno}: JSON nested too deeply to read") from None
 
 
 HELDOUT_PERCENT = 10
@@ -79,12 +86,35 @@ class Task:
             if is_heldout(p.question) == want_heldout:
                 yield p
 
-    def take(self, n: int, split: str = "train", seed: int = 0) -> list[Problem]:
-        out = []
-        for p in self.problems(split, seed):
-            if len(out) >= n:
-                break
+    def take(self, n: int, split: str = "train", seed: int = 0, distinct: bool = False,
+             at_most: bool = False) -> list[Problem]:
+        """n problems of the split, seeded. `distinct`: no question twice, and a TaskError when the split
+        has fewer than n (`at_most`: take all there are instead). Bounded whatever the task: a split that
+        stops yielding new problems is detected, never looped on."""
+        if split not in ("train", "test"):
+            raise TaskError(f"split must be 'train' or 'test', got {split!r}")
+        distinct = distinct or at_most
+        rng = random.Random(f"{self.name}:{split}:{seed}")
+        want_heldout = split == "test"
+        out: list[Problem] = []
+        seen: set[str] = set()
+        misses = 0  # draws in a row that gave nothing new; a coupon collector's bound says when to stop
+        while len(out) < n:
+            p = self.make(rng)
+            if is_heldout(p.question) != want_heldout or (distinct and p.question in seen):
+                misses += 1
+                if misses > max(10_000, 20 * len(seen)):
+                    break
+                continue
+            misses = 0
+            seen.add(p.question)
             out.append(p)
+        spec = getattr(self, "spec", self.name)
+        if not out and n > 0:
+            raise TaskError(f"task {spec!r}: its {split} split is empty")
+        if len(out) < n and not at_most:
+            raise TaskError(f"task {spec!r}: the {split} split has only {len(out)} distinct problems; asked for {n} "
+                            "(use a smaller --n, or a larger task)")
         return out
 
     def check(self, response: str, answer: str) -> bool:

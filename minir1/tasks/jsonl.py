@@ -31,21 +31,37 @@ class JsonlTask(Task):
             self.items.append(Problem(str(obj["question"]), str(obj["answer"]).strip(), solution))
         if not self.items:
             raise TaskError(f"{self.path}: no problems in the file")
+        self._pools = {name: [p for p in self.items if is_heldout(p.question) == (name == "test")]
+                       for name in ("train", "test")}
+
+    def make(self, rng: random.Random) -> Problem:
+        """One training problem, drawn uniformly (pretraining and SFT draw their documents this way)."""
+        pool = self._pool("train")
+        return pool[rng.randrange(len(pool))]
+
+    def _pool(self, split: str) -> list[Problem]:
+        if not self._pools[split]:
+            raise TaskError(f"{self.path}: the {split} split is empty ({len(self.items)} problems in all; "
+                            f"about 10% are held out for testing)")
+        return self._pools[split]
 
     def problems(self, split: str = "train", seed: int = 0) -> Iterator[Problem]:
         if split not in ("train", "test"):
             raise TaskError(f"split must be 'train' or 'test', got {split!r}")
-        pool = [p for p in self.items if is_heldout(p.question) == (split == "test")]
-        if not pool:
-            raise TaskError(f"{self.path}: the {split} split is empty ({len(self.items)} problems in all; "
-                            f"about 10% are held out for testing)")
+        pool = self._pool(split)
         rng = random.Random(f"jsonl:{split}:{seed}")
         while True:  # epochs, each in a fresh seeded order
             order = pool[:]
             rng.shuffle(order)
             yield from order
 
-    def take(self, n: int, split: str = "train", seed: int = 0) -> list[Problem]:
-        """At most one pass over the split: evaluation never counts a problem twice."""
-        pool = sum(1 for p in self.items if is_heldout(p.question) == (split == "test"))
-        return super().take(min(n, pool), split, seed)
+    def take(self, n: int, split: str = "train", seed: int = 0, distinct: bool = False,
+             at_most: bool = False) -> list[Problem]:
+        """At most one pass over the split, in a seeded order: evaluation never counts a problem twice. With
+        `distinct` (and not `at_most`), a split with fewer than n problems is a TaskError."""
+        pool = self._pool(split)
+        if distinct and not at_most and n > len(pool):
+            raise TaskError(f"{self.path}: the {split} split has {len(pool)} distinct problems; asked for {n} "
+                            "(use a smaller --n)")
+        stream = self.problems(split, seed)
+        return [next(stream) for _ in range(min(n, len(pool)))]

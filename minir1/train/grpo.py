@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,13 +28,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from minir1 import files
 from minir1.engine import Completion, Engine, SamplingParams
 from minir1.model import Transformer
 from minir1.prompting import build_prompt
-from minir1.rewards import accuracy_reward, format_reward, safe_reward
+from minir1.rewards import TimeBudget, accuracy_reward, format_reward, safe_reward, time_budget
 from minir1.tasks import Problem, Task
 from minir1.tokenizer import Tokenizer
 from minir1.train import distributed
+from minir1.train.loop import TrainingError
 
 log = logging.getLogger(__name__)
 LOSSES = ("grpo", "dr_grpo", "dapo")
@@ -63,8 +66,25 @@ class GRPOConfig:
     eval_every: int = 0                # GRPO steps between held-out evaluations (0 = none)
     eval_n: int = 50                   # held-out problems per evaluation
     eval_samples: int = 1              # completions per problem: 1 = greedy; more = R1's pass@1 at temperature 0.6
+    reward_time_budget: float = 10.0   # seconds the LaTeX checks of one batch may take; later ones score 0
 
     def validate(self) -> None:
+        for name in ("temperature", "top_p", "beta", "epsilon", "epsilon_high", "format_weight", "accuracy_weight"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"{name} ({v}) must be a finite number")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p ({self.top_p}) must be in (0, 1]")
+        if self.format_weight < 0 or self.accuracy_weight < 0 or self.format_weight + self.accuracy_weight <= 0:
+            raise ValueError("format_weight and accuracy_weight must be >= 0, and not both 0")
+        if not math.isfinite(self.reward_time_budget) or self.reward_time_budget <= 0:
+            raise ValueError(f"reward_time_budget ({self.reward_time_budget}) must be a positive number of seconds")
+        if self.max_sampling_rounds < 1:
+            raise ValueError(f"max_sampling_rounds ({self.max_sampling_rounds}) must be >= 1")
+        if self.overlong_buffer < 1 or self.eval_every < 0 or self.eval_n < 1 or self.eval_samples < 1:
+            raise ValueError("overlong_buffer, eval_n and eval_samples must be >= 1 and eval_every >= 0")
+        if self.template not in ("chat", "r1-zero"):
+            raise ValueError(f"template ({self.template!r}) must be chat or r1-zero")
         if self.loss not in LOSSES:
             raise ValueError(f"loss ({self.loss!r}) must be one of {', '.join(LOSSES)}")
         if self.group_size < 2:
@@ -229,6 +249,7 @@ class GRPOStage:
         kept: list[tuple[Problem, list[int], str, list[Completion], Tensor, dict[str, Tensor]]] = []
         generate_s = score_s = 0.0
         groups_seen = zero_std = 0
+        budget = TimeBudget(cfg.reward_time_budget)
         d = distributed.info()
         for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
             need = cfg.prompts_per_step // d.world - len(kept)
@@ -247,7 +268,8 @@ class GRPOStage:
             for i, p in enumerate(problems):
                 group = outs[i * G:(i + 1) * G]
                 responses = [prompts[i][1] + c.text for c in group]
-                rewards, parts = self.score(responses, [p] * G)
+                with time_budget(budget):  # one budget for the whole batch's reward checks
+                    rewards, parts = self.score(responses, [p] * G)
                 if cfg.overlong == "penalty":
                     rewards = rewards + torch.tensor([soft_overlong_penalty(len(c.token_ids), cfg.max_new_tokens,
                                                                             cfg.overlong_buffer) for c in group])
@@ -259,7 +281,11 @@ class GRPOStage:
                 kept.append((p, prompts[i][0], prompts[i][1], group, rewards, parts))
             score_s += time.perf_counter() - t
         if not kept:
-            raise RuntimeError("dynamic sampling found no group with differing rewards; raise max_sampling_rounds")
+            raise TrainingError(
+                f"GRPO step {generation + 1}: dynamic sampling drew {groups_seen} groups in {cfg.max_sampling_rounds} "
+                f"round(s) and in every one all {G} rewards were equal (reward {float(rewards[0]):.3g}), so there is "
+                "nothing to learn from. Raise --max-sampling-rounds, raise --temperature, or check that the model "
+                "can solve some of the task (an untrained model scores 0 everywhere).")
         completions = [c for k in kept for c in k[3]]
         rewards = torch.cat([k[4] for k in kept])
         group_ids = torch.arange(len(kept)).repeat_interleave(G)
@@ -287,7 +313,8 @@ class GRPOStage:
                    "zero_std_groups": zero_std / max(groups_seen, 1), "groups": len(kept),
                    "completion_len_mean": float(lengths.mean()), "completion_len_max": float(lengths.max()),
                    "truncated_frac": float(truncated.float().mean()),
-                   "completion_tokens": float(lengths.sum()), "generate_s": generate_s, "score_s": score_s}
+                   "completion_tokens": float(lengths.sum()), "generate_s": generate_s, "score_s": score_s,
+                   "reward_timeouts": budget.timeouts}
         return Rollouts(ids, prompt_lens, mask, advantages, metrics=metrics, batch_tokens=counted)
 
     def _reference_logp(self, model: Transformer, ro: Rollouts, comp_len: int) -> tuple[Tensor | None, Tensor | None]:
@@ -330,8 +357,9 @@ class GRPOStage:
                 res = evaluate(policy, self.tokenizer, self.task,
                                EvalConfig(n=self.cfg.eval_n, samples=self.cfg.eval_samples,
                                           max_new_tokens=self.cfg.max_new_tokens, template=self.cfg.template,
-                                          seed=self.seed))
+                                          seed=self.seed, at_most=True))
                 self._eval = {"eval_pass@1": res["pass@1"], "eval_format_rate": res["format_rate"],
+                              "eval_problems": res["problems"],
                               "eval_mean_completion_tokens": res["mean_completion_tokens"]}
         slices = self._slices(self._rollouts)
         local = micro // d.world  # the loop deals micro-batches out round-robin: this is our j-th
@@ -423,8 +451,9 @@ def rejection_sample(model: Transformer, tokenizer: Tokenizer, task: Task, n: in
 
 
 def write_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """One JSON object a line, written atomically (nothing half-written or stray is left on failure)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; name a .jsonl file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
+    files.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

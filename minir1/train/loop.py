@@ -13,10 +13,12 @@ Data position is a function of the step: a stage builds the batch of step s from
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -28,6 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from minir1 import files
+from minir1.devices import resolve_device
 from minir1.model import Transformer
 from minir1.tokenizer import Tokenizer
 from minir1.train import distributed
@@ -66,6 +70,7 @@ class TrainConfig:
     save_every: int = 0               # steps between checkpoints; 0 = only the final one
     keep_last: int = 2                # checkpoints kept
     resume: bool = False
+    overwrite: bool = False           # a fresh run into a directory holding another run's checkpoints clears them
     route_bias_speed: float = 1e-3    # γ of the auxiliary-loss-free balancing; 0 = off
     tensorboard: bool = False
     progress: bool = True
@@ -75,6 +80,10 @@ class TrainConfig:
     def validate(self) -> None:
         def fail(msg: str) -> None:
             raise ValueError(msg)
+        for name in ("lr", "min_lr_ratio", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip",
+                     "route_bias_speed"):
+            if not math.isfinite(getattr(self, name)):
+                fail(f"{name} ({getattr(self, name)}) must be a finite number")
         if self.steps < 1:
             fail(f"steps ({self.steps}) must be >= 1")
         if self.batch_size < 1:
@@ -94,6 +103,17 @@ class TrainConfig:
             fail(f"parallel ({self.parallel!r}) must be one of {', '.join(distributed.PARALLEL)}")
         if self.save_every < 0 or self.keep_last < 1:
             fail(f"save_every ({self.save_every}) must be >= 0 and keep_last ({self.keep_last}) >= 1")
+        if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
+            fail(f"beta1 ({self.beta1}) and beta2 ({self.beta2}) must be in [0, 1)")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.route_bias_speed < 0 or self.warmup_steps < 0:
+            fail("weight_decay, grad_clip, route_bias_speed and warmup_steps must be >= 0")
+        if not 0 <= self.decay_fraction <= 1:
+            fail(f"decay_fraction ({self.decay_fraction}) must be in [0, 1]")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            fail(f"--out {self.out} is an existing file, not a directory")
+        if self.resume and self.overwrite:
+            fail("--resume continues the run in --out and --overwrite discards it: choose one")
+        pick_device(self.device)
 
     @property
     def accumulation(self) -> int:
@@ -176,11 +196,49 @@ def _set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+LIVE_METRICS = METRICS + ".partial"   # the running run's metrics; published as metrics.jsonl when it completes
+# Settings that may change between a run and its resumption (the rest must match).
+RESUMABLE = ("out", "steps", "resume", "overwrite", "save_every", "keep_last", "tensorboard", "progress", "device",
+             "compile", "micro_batch_size", "parallel")
+
+
+def run_settings(model: Transformer, stage: Stage, cfg: TrainConfig) -> dict[str, Any]:
+    """What defines a run, as JSON: a checkpoint stores it, and --resume checks it."""
+    settings = {"stage": stage.name, "model": model.config.to_dict(),
+                "train": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}, stage.name: stage.config()}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} in the checkpoint, {new!r} now"]
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints in `<out>/checkpoints`, as (step, path), ordered by step number."""
+    found = []
+    for p in (Path(out) / CHECKPOINTS).glob("step-*"):
+        m = _STEP_DIR.match(p.name)
+        if m and (p / TRAINER_STATE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = checkpoints(out)
+    return done[-1][1] if done else None
+
+
 def save_checkpoint(out: Path, step: int, model: torch.nn.Module, tokenizer: Tokenizer,
-                    opt: torch.optim.Optimizer, keep_last: int, d: DistInfo | None = None) -> Path | None:
+                    opt: torch.optim.Optimizer, keep_last: int, d: DistInfo | None = None,
+                    settings: dict[str, Any] | None = None) -> Path | None:
     """Write `<out>/checkpoints/step-N` atomically (a temporary directory renamed into place), then
-    remove all but the last `keep_last`. Full (unsharded) states: every process takes part in gathering
-    them, the first process writes."""
+    remove all but the last `keep_last` by step number. Full (unsharded) states: every process takes
+    part in gathering them, the first process writes. A full disk raises DiskFullError and leaves the
+    earlier checkpoints as they were."""
     d = d or DistInfo()
     state = distributed.full_model_state(model)
     opt_state = distributed.full_optimizer_state(model, opt)
@@ -193,38 +251,59 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, tokenizer: Tok
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    distributed.unwrap(model).save_pretrained(tmp, state=state)
-    tokenizer.save_pretrained(tmp)
-    rng_tensors, rng_meta = _rng_state()
-    save_file({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER_STATE)
-    (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, "world_size": d.world, **opt_meta, **rng_meta}))
-    for f in tmp.iterdir():  # durable before it becomes visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step-*"))[:-keep_last]:
+    try:
+        tmp.mkdir()
+        distributed.unwrap(model).save_pretrained(tmp, state=state)
+        tokenizer.save_pretrained(tmp)
+        rng_tensors, rng_meta = _rng_state()
+        save_file({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER_STATE)
+        (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, "world_size": d.world, "settings": settings,
+                                                     **opt_meta, **rng_meta}))
+        for f in tmp.iterdir():  # durable before it becomes visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if files.is_disk_full(e):
+            raise files.DiskFullError(errno.ENOSPC, f"the disk is full: could not write checkpoint {final}; the "
+                                                    "earlier checkpoints are intact") from e
+        raise
+    if final.exists():  # the same step again (a resumed run): set the old one aside, never delete it first
+        aside = root / f".step-{step:08d}.old"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    files.fsync_dir(root)
+    for _, old in checkpoints(out)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     distributed.barrier(d)
     return final
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in (out / CHECKPOINTS).glob("step-*") if (p / TRAINER_STATE).is_file())
-    return done[-1] if done else None
-
-
-def resume_from(ckpt: Path, model: Transformer) -> tuple[int, dict[str, Any]]:
+def resume_from(ckpt: Path, model: Transformer, settings: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
     """Restore the (unwrapped) model's weights and the RNG states from a checkpoint directory; returns its
-    step and the full optimizer state, for after the model is wrapped and the optimizer built."""
+    step and the full optimizer state, for after the model is wrapped and the optimizer built. With
+    `settings` (run_settings of the run resuming), a checkpoint made with other settings is refused."""
     from minir1.hf import load_pretrained
+    meta = files.read_json(ckpt / TRAINER_STATE, TrainingError)
+    saved = meta.get("settings") if isinstance(meta, dict) else None
+    if settings is not None and saved is not None:
+        diffs = _differences(saved, settings)
+        if diffs:
+            more = f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
+            raise TrainingError(f"--resume: {ckpt} was made with other settings than this run's: "
+                                f"{'; '.join(diffs[:8])}{more}. Run with the checkpoint's settings, or start afresh "
+                                "with --overwrite")
     loaded = load_pretrained(ckpt, device=next(model.parameters()).device)
     with torch.no_grad():
         for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
             if p.shape != q.shape:
                 raise TrainingError(f"{ckpt}: tensor {name} has shape {list(q.shape)}, the model {list(p.shape)}")
             p.copy_(q)
-    meta = json.loads((ckpt / TRAINER_STATE).read_text())
     tensors = load_file(ckpt / OPTIMIZER_STATE)
     _set_rng_state(tensors, meta)
     return int(meta["step"]), _optimizer_from_tensors(tensors, meta)
@@ -243,9 +322,7 @@ class TrainResult:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def build_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -262,12 +339,6 @@ def build_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimiz
                              foreach=None if fused else True)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop the metric lines of steps after the checkpoint (they will be redone)."""
     if not path.is_file():
@@ -279,14 +350,73 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             break  # a line cut short by the crash
-    path.write_text("".join(k + "\n" for k in keep))
+    files.write_text(path, "".join(k + "\n" for k in keep))
+
+
+def _losses(path: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                out[int(row["step"])] = float(row["loss"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return out
+
+
+def _where_to_go_back(out: Path, live: Path) -> str:
+    """The truth about the checkpoints a diverged run leaves: which exist and what the loss was at each."""
+    done = checkpoints(out)
+    if not done:
+        return "no checkpoint was saved before it, and nothing in the output directory was changed"
+    losses = _losses(live)
+    best = min(losses.items(), key=lambda kv: kv[1]) if losses else None
+
+    def loss_at(step: int) -> str:
+        return f"{losses[step]:.4g}" if step in losses else "unknown"
+    listed = ", ".join(f"{p} (step {n}, loss {loss_at(n)})" for n, p in done)
+    lowest = f"; the run's lowest loss was {best[1]:.4g} at step {best[0]}" if best else ""
+    return (f"checkpoints on disk: {listed}{lowest}. Their weights are finite, but a run that diverges may have "
+            "been getting worse before it: compare their losses before resuming from one")
+
+
+def _first_non_finite(model: torch.nn.Module, d: DistInfo) -> str | None:
+    """The name of a parameter holding a NaN or an infinity (checked on every process), or None."""
+    named = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()]
+    tensors = [t.detach() for _, t in named if t.numel()]
+    ok = bool(torch.stack(torch._foreach_norm(tensors, math.inf)).isfinite().all()) if tensors else True
+    bad = None
+    if not ok:
+        bad = next(n for n, t in named if t.numel() and not bool(t.detach().isfinite().all()))
+    if d.enabled and distributed.all_sum(float(bad is not None), d) > 0:
+        return bad or "a parameter on another process"
+    return bad
+
+
+def resolve_micro_batch(cfg: TrainConfig, world: int | None = None) -> TrainConfig:
+    """With no --micro-batch-size, split each step evenly over the processes of a torchrun launch (one
+    micro-batch each): the same global batch, and with per-sequence data the same data as one process."""
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.micro_batch_size == 0 and world > 1:
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size ({cfg.batch_size}) cannot be split over {world} processes: choose a "
+                             "multiple of the process count, or --micro-batch-size")
+        cfg.micro_batch_size = cfg.batch_size // world
+    return cfg
 
 
 def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConfig) -> TrainResult:
     """Run `cfg.steps` optimizer steps of `stage` on `model`; the final checkpoint goes to `cfg.out`.
 
     Under torchrun each process runs its share of every step's micro-batches (see distributed.py);
-    only the first process shows progress and writes metrics and checkpoints."""
+    only the first process shows progress and writes metrics and checkpoints.
+
+    What is on disk at every moment: `cfg.out`'s final files (weights, tokenizer, metrics.jsonl,
+    train_config.json) are replaced only when the run completes, all together; a failed run leaves them
+    byte-identical. While it runs, its metrics go to metrics.jsonl.partial and its periodic checkpoints
+    to checkpoints/step-N, which --resume continues from."""
+    resolve_micro_batch(cfg)
     cfg.validate()
     d, device = distributed.setup(pick_device(cfg.device))
     n_micro = cfg.accumulation                       # micro-batches per step, all processes together
@@ -295,14 +425,25 @@ def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConf
                          f"by {d.world} processes; choose a micro_batch_size that makes it a multiple")
     mine = list(range(d.rank, n_micro, d.world))     # this process's micro-batches
     out = Path(cfg.out)
+    settings = run_settings(model, stage, cfg)
+    earlier = checkpoints(out)
+    if earlier and not cfg.resume:
+        if not cfg.overwrite:
+            raise TrainingError(f"{out} holds checkpoints of an earlier run ({', '.join(p.name for _, p in earlier)}); "
+                                "pass --resume to continue that run, or --overwrite to discard its checkpoints")
+        if d.is_main:
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        distributed.barrier(d)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    live = out / LIVE_METRICS
     model.to(device).train()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     start, opt_state = 0, None
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
-        start, opt_state = resume_from(ckpt, model)
+        start, opt_state = resume_from(ckpt, model, settings)
     snapshot = None
     if hasattr(stage, "bind"):  # stages that generate (GRPO) need a full copy of the policy to sample from
         snapshot = _policy_snapshot(model, cfg, d)
@@ -315,13 +456,47 @@ def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConf
     if opt_state is not None:
         distributed.load_optimizer_state(wrapped, opt, opt_state)
     if d.is_main:
-        if start == 0 and (out / METRICS).exists():
-            (out / METRICS).unlink()
-        _truncate_metrics(out / METRICS, start)
-        _write_json(out / TRAIN_CONFIG, {"stage": stage.name, "model": model.config.to_dict(), "train": asdict(cfg),
-                                         "world_size": d.world, stage.name: stage.config()})
+        if start == 0:
+            live.unlink(missing_ok=True)
+        elif not live.is_file() and (out / METRICS).is_file():  # resuming a run that had completed
+            shutil.copyfile(out / METRICS, live)
+        _truncate_metrics(live, start)
     if snapshot is not None:
         stage.bind(wrapped, snapshot)
+    try:
+        last = _steps(model, wrapped, tokenizer, stage, cfg, d, device, opt, mine, n_micro, start, out, live, settings)
+        state = distributed.full_model_state(wrapped)
+        if d.is_main:
+            _publish(out, model, state, tokenizer, live, {
+                "stage": stage.name, "model": model.config.to_dict(), "train": asdict(cfg), "world_size": d.world,
+                stage.name: stage.config()})
+    except BaseException:
+        # Nothing to resume from: an existing directory is left as it was; a new one keeps the partial metrics,
+        # which say how the run failed.
+        if d.is_main and not checkpoints(out) and not created:
+            live.unlink(missing_ok=True)
+        raise
+    distributed.barrier(d)
+    return TrainResult(out, cfg.steps, last)
+
+
+def _publish(out: Path, model: Transformer, state: dict[str, Tensor], tokenizer: Tokenizer, live: Path,
+             train_config: dict[str, Any]) -> None:
+    """The run's final files, all together or none: weights, tokenizer, train_config.json, metrics.jsonl."""
+    stale = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors", "chat_template.jinja")
+    with files.replacing(out, stale=stale) as staging:
+        model.save_pretrained(staging, state=state)
+        tokenizer.save_pretrained(staging)
+        (staging / TRAIN_CONFIG).write_text(json.dumps(train_config, indent=2, default=str) + "\n")
+        if live.is_file():
+            shutil.copyfile(live, staging / METRICS)
+    live.unlink(missing_ok=True)
+
+
+def _steps(model: Transformer, wrapped: torch.nn.Module, tokenizer: Tokenizer, stage: Stage, cfg: TrainConfig,
+           d: DistInfo, device: torch.device, opt: torch.optim.Optimizer, mine: list[int], n_micro: int, start: int,
+           out: Path, live: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer steps from `start` to cfg.steps, with logging and periodic checkpoints."""
     forward_model = torch.compile(wrapped) if cfg.compile else wrapped
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else nullcontext())
     writer = bar = None
@@ -336,7 +511,7 @@ def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConf
         bar = tqdm(total=cfg.steps, initial=start, desc=stage.name, unit="step", dynamic_ncols=True)
     ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
     last: dict[str, Any] = {}
-    metrics_file = open(out / METRICS, "a") if d.is_main else None
+    metrics_file = open(live, "a") if d.is_main else None
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
@@ -362,12 +537,18 @@ def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConf
                 stage_metrics = distributed.all_mean(stage_metrics, d)
                 tokens = int(distributed.all_sum(tokens, d))
             if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
-                where = f"the last good checkpoint is {latest_checkpoint(out)}" if latest_checkpoint(out) \
-                    else "no checkpoint was saved before it"
+                if metrics_file is not None:
+                    metrics_file.flush()
                 raise TrainingError(f"step {step + 1}: non-finite loss ({total_loss}) or gradient norm "
-                                    f"({grad_norm}); stopping. {where}. Try a lower --lr or --grad-clip.")
+                                    f"({grad_norm}); stopping before the optimizer step. "
+                                    f"{_where_to_go_back(out, live)}. Try a lower --lr or --grad-clip.")
             opt.step()
             opt.zero_grad(set_to_none=True)
+            bad = _first_non_finite(wrapped, d)  # a finite gradient can still overflow a weight
+            if bad is not None:
+                raise TrainingError(f"step {step + 1}: the optimizer step made parameter '{bad}' non-finite "
+                                    f"(learning rate {lr:.3g}); stopping, nothing of this step is saved. "
+                                    f"{_where_to_go_back(out, live)}. Try a lower --lr.")
             imbalance = model.update_route_bias(cfg.route_bias_speed) if cfg.route_bias_speed > 0 else None
             if imbalance is None:
                 loads = model.router_load()
@@ -394,7 +575,7 @@ def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConf
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 if metrics_file is not None:
                     os.fsync(metrics_file.fileno())
-                save_checkpoint(out, step + 1, wrapped, tokenizer, opt, cfg.keep_last, d)
+                save_checkpoint(out, step + 1, wrapped, tokenizer, opt, cfg.keep_last, d, settings)
     finally:
         if metrics_file is not None:
             metrics_file.close()
@@ -402,12 +583,7 @@ def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConf
             bar.close()
         if writer is not None:
             writer.close()
-    state = distributed.full_model_state(wrapped)
-    if d.is_main:
-        model.save_pretrained(out, state=state)
-        tokenizer.save_pretrained(out)
-    distributed.barrier(d)
-    return TrainResult(out, cfg.steps, last)
+    return last
 
 
 def _policy_snapshot(model: Transformer, cfg: TrainConfig, d: DistInfo):
