@@ -176,12 +176,15 @@ class FusedDecoder:
     def forward(self, kv: Tensor, ids: Tensor, positions: Tensor, logits_at: Tensor | None = None) -> ModelOutput:
         """The model over ids [B, T] at positions [B, T] of the cache's rows 0..B-1 (kv: LatentCache.kv
         [layers, B, S, C + R], fp32, contiguous), as `Transformer.forward(ids, positions=, cache=)`:
-        logits [B, T, V] (or [B, 1, V] at `logits_at` [B]) and, when T > 1 (a prefill or a speculative
-        verification, which MTP drafts from), hidden states [B, T, D]."""
+        logits [B, T, V] (or [B, 1, V] at `logits_at` [B]) and, for a prefill (logits_at given) or T > 1 (a
+        speculative verification), hidden states [B, T, D], which MTP drafts from."""
         B, T = ids.shape
         rows = None if T == 1 else torch.arange(B).repeat_interleave(T)  # None: token b is row b's
         at = None if logits_at is None else torch.arange(B) * T + logits_at.to(torch.long)
-        logits, hidden = self._run(kv, ids.reshape(-1), positions.reshape(-1), rows, at, want_hidden=T > 1)
+        # Hidden states for prefills (logits_at given; MTP drafts from them, even after a one-token prompt) and
+        # speculative verification (T > 1); a plain decode step skips them.
+        logits, hidden = self._run(kv, ids.reshape(-1), positions.reshape(-1), rows, at,
+                                   want_hidden=T > 1 or logits_at is not None)
         return ModelOutput(logits=logits.view(B, -1, logits.shape[-1]),
                            hidden=None if hidden is None else hidden.view(B, T, -1))
 

@@ -315,3 +315,78 @@ def test_schemathesis_finds_no_server_errors(server, tmp_path):
                          capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert server.proc.poll() is None
+
+
+# ---- hostile requests (issue 14) ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def open_server(ckpt):
+    """No API key, a small body limit, and a model name that is HTML."""
+    s = Server(ckpt, "--served-model-name", "<b>x</b>", "--max-request-bytes", "20000", "--allowed-host", "mybox")
+    yield s
+    s.stop()
+
+
+def test_lone_surrogates_are_a_400_and_the_connection_lives_on(open_server):
+    with httpx.Client(base_url=open_server.url, timeout=30) as c:
+        for body in ('{"model": "<b>x</b>", "messages": [{"role": "user", "content": "\\ud800"}]}',
+                     '{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+                     '{"model": "<b>x</b>", "prompt": "\\udfff"}'):
+            path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+            r = c.post(path, content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 400, r.text
+            assert "surrogate" in r.json()["error"]["message"]
+        assert c.get("/health").status_code == 200  # the same keep-alive connection still serves
+
+
+def test_oversized_and_deeply_nested_bodies_are_refused_quickly(open_server):
+    big = json.dumps({"model": "<b>x</b>", "messages": [{"role": "user", "content": "a" * 50_000}]})
+    start = time.perf_counter()
+    r = httpx.post(open_server.url + "/v1/chat/completions", content=big, headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 413 and "20,000 bytes" in r.json()["error"]["message"], r.text
+    assert time.perf_counter() - start < 5
+    nested = '{"model": "<b>x</b>", "messages": ' + "[" * 5000 + "]" * 5000 + "}"
+    r = httpx.post(open_server.url + "/v1/chat/completions", content=nested,
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code in (400, 422) or r.status_code == 413, r.text
+    assert r.status_code < 500
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_tokenising(open_server):
+    # 256-token context: 19,000 bytes of text are more tokens than that whatever the tokenizer does.
+    body = {"model": "<b>x</b>", "messages": [{"role": "user", "content": "word " * 3800}]}
+    r = httpx.post(open_server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+
+
+def test_only_this_machines_host_names_are_served_without_a_key(open_server):
+    for host, status in (("evil.example", 421), ("127.0.0.1", 200), ("localhost:1234", 200), ("mybox", 200),
+                         ("[::1]:80", 200)):
+        r = httpx.get(open_server.url + "/v1/models", headers={"host": host}, timeout=10)
+        assert r.status_code == status, (host, r.text)
+    page = httpx.get(open_server.url + "/", timeout=10).text
+    assert "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
+
+
+def test_logprobs_and_top_logprobs(open_server):
+    from openai import OpenAI
+    c = OpenAI(base_url=open_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    out = c.chat.completions.create(model="<b>x</b>", messages=[{"role": "user", "content": "2 + 3?"}], max_tokens=6,
+                                    temperature=0, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens == 6
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+        assert abs(entry.top_logprobs[0].logprob - entry.logprob) < 1e-5  # greedy: the chosen token is the top one
+    stream = c.chat.completions.create(model="<b>x</b>", messages=[{"role": "user", "content": "2 + 3?"}],
+                                       max_tokens=6, temperature=0, logprobs=True, top_logprobs=2, stream=True)
+    streamed = [e for chunk in stream for ch in chunk.choices if ch.logprobs for e in ch.logprobs.content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
+    legacy = c.completions.create(model="<b>x</b>", prompt="2 + 3", max_tokens=4, temperature=0, logprobs=2)
+    assert len(legacy.choices[0].logprobs.token_logprobs) == 4
+    assert all(len(t) == 2 for t in legacy.choices[0].logprobs.top_logprobs)
+    r = httpx.post(open_server.url + "/v1/chat/completions", timeout=30, json={
+        "model": "<b>x</b>", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
+    assert r.status_code == 400 and "needs logprobs" in r.text

@@ -200,7 +200,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 LIVE_METRICS = METRICS + ".partial"   # the running run's metrics; published as metrics.jsonl when it completes
 # Settings that may change between a run and its resumption (the rest must match).
 RESUMABLE = ("out", "steps", "resume", "overwrite", "save_every", "keep_last", "tensorboard", "progress", "device",
-             "compile", "micro_batch_size", "parallel")
+             "compile", "parallel")
 
 
 def run_settings(model: Transformer, stage: Stage, cfg: TrainConfig) -> dict[str, Any]:
@@ -396,7 +396,7 @@ def _first_non_finite(model: torch.nn.Module, d: DistInfo) -> str | None:
 
 def resolve_micro_batch(cfg: TrainConfig, world: int | None = None) -> TrainConfig:
     """With no --micro-batch-size, split each step evenly over the processes of a torchrun launch (one
-    micro-batch each): the same global batch, and with per-sequence data the same data as one process."""
+    micro-batch each): the same global batch as one process."""
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.micro_batch_size == 0 and world > 1:
         if cfg.batch_size % world:

@@ -49,15 +49,9 @@ class PretrainStage:
     name: str = "pretrain"
 
     def batch(self, step: int, micro: int, n_micro: int) -> Tensor:
-        """[micro_batch_size, seq_len + 1] tokens: documents (BOS … EOS) packed end to end. Row r of the step
-        comes from an RNG seeded by (seed, step, r), so the step's data do not depend on how it is split into
-        micro-batches or over processes."""
-        rows = [self._row(step, micro * self.micro_batch_size + r) for r in range(self.micro_batch_size)]
-        return torch.tensor(rows)
-
-    def _row(self, step: int, row: int) -> list[int]:
-        rng = random.Random(f"pretrain:{self.seed}:{step}:{row}")
-        need = self.seq_len + 1
+        """[micro_batch_size, seq_len + 1] tokens: documents (BOS … EOS) packed end to end."""
+        rng = random.Random(f"pretrain:{self.seed}:{step}:{micro}")
+        need = self.micro_batch_size * (self.seq_len + 1)
         ids: list[int] = []
         bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
         while len(ids) < need:
@@ -66,7 +60,7 @@ class PretrainStage:
                 continue  # the held-out split is never trained on
             ids += ([bos] if bos is not None else []) + self.tokenizer.encode(document(p)) + \
                 ([eos] if eos is not None else [])
-        return ids[:need]
+        return torch.tensor(ids[:need]).view(self.micro_batch_size, self.seq_len + 1)
 
     def loss(self, model: Transformer, batch: Tensor) -> tuple[Tensor, dict[str, float], int]:
         device = next(model.parameters()).device

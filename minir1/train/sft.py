@@ -80,7 +80,7 @@ class SFTStage:
         if self.conversations is not None:
             self._pairs = [p for c in self.conversations for p in encode_conversation(self.tokenizer, c)]
 
-    def _examples(self, rng: random.Random):
+    def _examples(self, rng: random.Random, step: int, micro: int):
         if self.task is not None:
             while True:
                 p = self.task.make(rng)
@@ -89,22 +89,21 @@ class SFTStage:
                 msgs = [{"role": "user", "content": p.question},
                         {"role": "assistant", "content": r1_response(p.solution, p.answer)}]
                 yield from encode_conversation(self.tokenizer, msgs)
-        else:  # sampled with replacement from the file's examples, seeded by (seed, step, row)
+        else:  # sampled with replacement from the file's examples, seeded by (seed, step, micro)
             while True:
                 yield self._pairs[rng.randrange(len(self._pairs))]
 
     def batch(self, step: int, micro: int, n_micro: int) -> dict[str, Tensor]:
         """Rows of packed examples: ids, labels (IGNORE outside completions), positions restarting at
         each example, and doc ids so attention stays inside each example."""
+        rng = random.Random(f"sft:{self.seed}:{step}:{micro}")
         T, pad = self.seq_len, self.tokenizer.pad_id or 0
         ids = torch.full((self.micro_batch_size, T), pad, dtype=torch.long)
         labels = torch.full_like(ids, IGNORE)
         positions = torch.zeros_like(ids)
         docs = torch.full_like(ids, -1)
+        examples = self._examples(rng, step, micro)
         for row in range(self.micro_batch_size):
-            # Each row from its own RNG, seeded by (seed, step, row of the step): the step's data do not depend
-            # on how it is split into micro-batches or over processes.
-            examples = self._examples(random.Random(f"sft:{self.seed}:{step}:{micro * self.micro_batch_size + row}"))
             used, doc = 0, 0
             while used < T:
                 prompt, completion = next(examples)
