@@ -65,15 +65,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the file it replaces was not
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
+        with disk_full_means(f"could not write {path}; what was there before is intact"):
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        if is_disk_full(e):
-            raise DiskFullError(errno.ENOSPC, f"the disk is full: could not write {path}; what was there "
-                                              "before is intact") from e
         raise
 
 
@@ -107,6 +105,18 @@ def is_disk_full(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
+def disk_full_means(consequence: str) -> Iterator[None]:
+    """Turn a full disk raised inside the block, by Python or a native writer, into DiskFullError("the disk
+    is full: <consequence>"); other errors pass through."""
+    try:
+        yield
+    except BaseException as e:
+        if is_disk_full(e):
+            raise DiskFullError(errno.ENOSPC, f"the disk is full: {consequence}") from e
+        raise
+
+
+@contextlib.contextmanager
 def replacing(directory: str | Path, stale: tuple[str, ...] = ()) -> Iterator[Path]:
     """Stage a set of files and publish them together into `directory`.
 
@@ -122,11 +132,12 @@ def replacing(directory: str | Path, stale: tuple[str, ...] = ()) -> Iterator[Pa
         shutil.rmtree(old, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
     try:
-        yield staging
-        names = sorted(p.name for p in staging.iterdir() if p.is_file())
-        for name in names:
-            with open(staging / name, "rb") as f:
-                os.fsync(f.fileno())
+        with disk_full_means(f"could not write into {directory}; the files already there are intact"):
+            yield staging
+            names = sorted(p.name for p in staging.iterdir() if p.is_file())
+            for name in names:
+                with open(staging / name, "rb") as f:
+                    os.fsync(f.fileno())
         # config.json last: a reader that sees the new config sees the new weights beside it.
         for name in sorted(names, key=lambda n: n == "config.json"):
             os.replace(staging / name, directory / name)
@@ -135,10 +146,5 @@ def replacing(directory: str | Path, stale: tuple[str, ...] = ()) -> Iterator[Pa
                 if old.name not in names and old.is_file():
                     old.unlink()
         fsync_dir(directory)
-    except BaseException as e:
-        if is_disk_full(e):
-            raise DiskFullError(errno.ENOSPC, f"the disk is full: could not write into {directory}; the files "
-                                              "already there are intact") from e
-        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

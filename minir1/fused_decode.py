@@ -222,8 +222,6 @@ class FusedDecoder:
         rows = None if rows is None else rows.to(torch.long).contiguous()
         logit_index = None if logit_index is None else logit_index.to(torch.long).contiguous()
         x_in = None if x_in is None else x_in.float().contiguous()
-        if mtp and not len(self.model.mtp):
-            raise ValueError("fused decode step: this model has no MTP module")
         layers_needed = cfg.num_hidden_layers + (1 if mtp else 0)
         self._check(kv, tokens, positions, rows, logit_index, x_in, layers_needed)
         N = tokens.shape[0]
@@ -303,7 +301,9 @@ def native_sample(logits: Tensor, temperatures: Tensor, uniforms: Tensor) -> tup
     fn = kernels.load("decode_step").minir1_sample
     if fn.argtypes is None:
         fn.argtypes = [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P]
-    if not native_sampling(logits) or logits.shape[0] == 0 or logits.shape[1] == 0:
+    # What the kernel indexes, checked (the caller has already checked native_sampling: no library look-up here).
+    if (logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2 or logits.stride(-1) != 1
+            or logits.stride(0) < logits.shape[1] or 0 in logits.shape):
         raise ValueError(f"native sampling takes non-empty fp32 CPU logits [B, V] with unit column stride, got "
                          f"{logits.dtype} {tuple(logits.shape)} on {logits.device}")
     B, V = logits.shape

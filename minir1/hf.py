@@ -39,6 +39,7 @@ from minir1.model import YARN_KEYS, ConfigError, ModelConfig, Transformer
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+WEIGHT_FILE_PATTERNS = (WEIGHTS_FILE, INDEX_FILE, "model-*-of-*.safetensors")  # a save replaces all of these
 log = logging.getLogger(__name__)
 
 
@@ -262,14 +263,16 @@ def save_pretrained(model: Transformer, path: str | Path, *, max_shard_bytes: in
     # while writing leaves the previous checkpoint as it was (minir1/files.py).
     for name, t in tensors.items():  # a diverged model is never written over a good one
         check_finite(name, t, f"{path}: refusing to save")
-    with files.replacing(path, stale=(WEIGHTS_FILE, INDEX_FILE, "model-*-of-*.safetensors")) as staging:
+    with files.replacing(path, stale=WEIGHT_FILE_PATTERNS) as staging:
         write_weights(staging, shards, config_to_hf(model.config, dtype))
 
 
 def check_finite(name: str, t: Tensor, where: str, hint: str = "") -> None:
     """Raise CheckpointError if a floating tensor holds a NaN or an infinity, naming it."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+    if not t.is_floating_point():
+        return
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
         raise CheckpointError(f"{where}: tensor '{name}' has {bad} non-finite value(s) (NaN or infinity){hint}")
 
 

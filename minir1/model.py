@@ -463,13 +463,23 @@ def _rank_key(x: Tensor) -> Tensor:
 
 
 def _top_indices(keys: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
-    """[N, E] -> [N, k]: the k distinct columns ranked first by (allowed, key, lower index). Two stable
-    sorts: ties go to the lower index, so the choice is deterministic and matches the native kernel's."""
-    order = keys.sort(dim=-1, descending=True, stable=True).indices
-    if allowed is not None:
-        order = order.gather(1, allowed.gather(1, order).to(torch.int8).sort(
-            dim=-1, descending=True, stable=True).indices)
-    return order[:, :k]
+    """[N, E] -> [N, k]: the k distinct columns ranked first by (allowed, key, lower index), as the native
+    kernel ranks them. topk decides every row whose k-th and (k+1)-th keys differ (the set is then unique);
+    rows with a tie there (equal scores, or -inf: NaN or masked-out experts) are ranked exactly by two
+    stable sorts, which cost three topk's and so run only on those rows."""
+    masked = keys if allowed is None else keys.masked_fill(~allowed, float("-inf"))
+    if k >= keys.shape[-1]:
+        return masked.topk(k, dim=-1).indices
+    values, ids = masked.topk(k + 1, dim=-1)
+    tied = values[:, k - 1] == values[:, k]
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        order = keys[rows].sort(dim=-1, descending=True, stable=True).indices
+        if allowed is not None:
+            order = order.gather(1, allowed[rows].gather(1, order).to(torch.int8).sort(
+                dim=-1, descending=True, stable=True).indices)
+        ids = ids.index_copy(0, rows, order[:, :k + 1])
+    return ids[:, :k]
 
 
 def grouped_linear(x_sorted: Tensor, weight_EOI: Tensor, counts_E: Tensor) -> Tensor:
