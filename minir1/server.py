@@ -219,8 +219,9 @@ class Guard:
                                "(--max-request-bytes)", "request_too_large")(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(BaseException):
+    """A BaseException so that FastAPI's body parsing (which turns any Exception into a 400) lets it reach
+    the Guard, which answers 413."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -346,6 +346,15 @@ def test_oversized_and_deeply_nested_bodies_are_refused_quickly(open_server):
                    timeout=30)
     assert r.status_code == 413 and "20,000 bytes" in r.json()["error"]["message"], r.text
     assert time.perf_counter() - start < 5
+
+    def chunks():  # no Content-Length: the limit is counted as the body arrives
+        for _ in range(10):
+            yield b" " * 4000
+        yield big.encode()
+
+    r = httpx.post(open_server.url + "/v1/chat/completions", content=chunks(),
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413, r.text
     nested = '{"model": "<b>x</b>", "messages": ' + "[" * 5000 + "]" * 5000 + "}"
     r = httpx.post(open_server.url + "/v1/chat/completions", content=nested,
                    headers={"content-type": "application/json"}, timeout=30)
