@@ -470,3 +470,21 @@ def test_the_reward_time_of_a_batch_is_bounded(monkeypatch):
     assert scores == [0.0] * 40
     assert elapsed < 8, elapsed  # 40 s without the budget
     assert budget.timeouts >= 30
+
+
+def test_the_micro_batch_split_changes_nothing_but_speed(tiny_tokenizer, tmp_path):
+    """What makes torchrun's default micro-batch (batch / processes) give one process's result."""
+    task = get_task(TASK)
+    whole = PretrainStage(task, tiny_tokenizer, 32, 4).batch(3, 0, 1)
+    halves = torch.cat([PretrainStage(task, tiny_tokenizer, 32, 2).batch(3, j, 2) for j in range(2)])
+    assert torch.equal(whole, halves)
+    weights = []
+    for micro in (4, 2, 1):
+        model = tiny_model(tiny_tokenizer)
+        cfg = TrainConfig(out=str(tmp_path / str(micro)), steps=2, batch_size=4, micro_batch_size=micro, seq_len=32,
+                          progress=False)
+        train(model, tiny_tokenizer, PretrainStage(task, tiny_tokenizer, 32, micro), cfg)
+        weights.append(model.state_dict())
+    for other in weights[1:]:
+        for k, v in weights[0].items():
+            torch.testing.assert_close(other[k], v, rtol=1e-4, atol=1e-5, msg=k)

@@ -7,8 +7,9 @@ optimizer step, a progress bar, metrics.jsonl (and TensorBoard), atomic periodic
 last K kept, and exact resume: model, optimizer, schedule, RNG states and data position, so that a
 run killed and resumed ends bitwise equal to one never interrupted (on the CPU).
 
-Data position is a function of the step: a stage builds the batch of step s from an RNG seeded by
-(seed, s, micro-batch), so restoring the step restores the data stream.
+Data position is a function of the step: a stage builds the whole batch of step s from an RNG seeded by
+(seed, s) and hands out its micro-batches (StepRows), so restoring the step restores the data stream,
+and the micro-batch size and the number of processes change nothing but speed.
 """
 
 from __future__ import annotations
@@ -125,13 +126,33 @@ class Stage(Protocol):
     name: str
 
     def batch(self, step: int, micro: int, n_micro: int) -> Any:
-        """Micro-batch `micro` of `n_micro` for optimizer step `step`, deterministic in (seed, step, micro)."""
+        """Micro-batch `micro` of `n_micro` for optimizer step `step`, deterministic in (seed, step)
+        and the same rows however the step is split (StepRows)."""
 
     def loss(self, model: Transformer, batch: Any) -> tuple[Tensor, dict[str, float], int]:
         """-> (loss to minimise, metrics, tokens processed)."""
 
     def config(self) -> dict[str, Any]:
         """The stage's own settings, for train_config.json."""
+
+
+class StepRows:
+    """A step's whole batch, built once from `build(step, rows)` (seeded by the step alone) and handed out
+    micro-batch by micro-batch: the data of a step do not depend on how it is split into micro-batches or
+    over processes, so a torchrun launch sees exactly the data one process sees."""
+
+    def __init__(self, build: Any) -> None:
+        self.build = build
+        self._step: int | None = None
+        self._rows: Any = None
+
+    def micro(self, step: int, micro: int, n_micro: int, size: int) -> Any:
+        if self._step != step:
+            self._rows, self._step = self.build(step, size * n_micro), step
+        part = slice(micro * size, (micro + 1) * size)
+        if isinstance(self._rows, dict):
+            return {k: v[part] for k, v in self._rows.items()}
+        return self._rows[part]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,7 +220,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 LIVE_METRICS = METRICS + ".partial"   # the running run's metrics; published as metrics.jsonl when it completes
 # Settings that may change between a run and its resumption (the rest must match).
 RESUMABLE = ("out", "steps", "resume", "overwrite", "save_every", "keep_last", "tensorboard", "progress", "device",
-             "compile", "parallel")
+             "compile", "parallel", "micro_batch_size")
 
 
 def run_settings(model: Transformer, stage: Stage, cfg: TrainConfig) -> dict[str, Any]:
@@ -392,7 +413,7 @@ def _first_non_finite(model: torch.nn.Module, d: DistInfo) -> str | None:
 
 def resolve_micro_batch(cfg: TrainConfig, world: int | None = None) -> TrainConfig:
     """With no --micro-batch-size, split each step evenly over the processes of a torchrun launch (one
-    micro-batch each): the same global batch as one process."""
+    micro-batch each): the same global batch, and the same data, as one process."""
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.micro_batch_size == 0 and world > 1:
         if cfg.batch_size % world:

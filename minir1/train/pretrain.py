@@ -18,6 +18,7 @@ from minir1.model import Transformer
 from minir1.prompting import r1_response
 from minir1.tasks import Problem, Task, is_heldout
 from minir1.tokenizer import Tokenizer
+from minir1.train.loop import StepRows
 
 
 def document(p: Problem) -> str:
@@ -48,10 +49,17 @@ class PretrainStage:
     mtp_weight: float = 0.3   # λ: the MTP loss weight
     name: str = "pretrain"
 
+    def __post_init__(self) -> None:
+        self._rows = StepRows(self._step_rows)
+
     def batch(self, step: int, micro: int, n_micro: int) -> Tensor:
-        """[micro_batch_size, seq_len + 1] tokens: documents (BOS … EOS) packed end to end."""
-        rng = random.Random(f"pretrain:{self.seed}:{step}:{micro}")
-        need = self.micro_batch_size * (self.seq_len + 1)
+        """[micro_batch_size, seq_len + 1] tokens: documents (BOS … EOS) packed end to end; rows of the
+        step's batch, which is built whole (the same data however the step is split)."""
+        return self._rows.micro(step, micro, n_micro, self.micro_batch_size)
+
+    def _step_rows(self, step: int, rows: int) -> Tensor:
+        rng = random.Random(f"pretrain:{self.seed}:{step}:0")
+        need = rows * (self.seq_len + 1)
         ids: list[int] = []
         bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
         while len(ids) < need:
@@ -60,7 +68,7 @@ class PretrainStage:
                 continue  # the held-out split is never trained on
             ids += ([bos] if bos is not None else []) + self.tokenizer.encode(document(p)) + \
                 ([eos] if eos is not None else [])
-        return torch.tensor(ids[:need]).view(self.micro_batch_size, self.seq_len + 1)
+        return torch.tensor(ids[:need]).view(rows, self.seq_len + 1)
 
     def loss(self, model: Transformer, batch: Tensor) -> tuple[Tensor, dict[str, float], int]:
         device = next(model.parameters()).device

@@ -17,6 +17,7 @@ from minir1.prompting import r1_response
 from minir1.tasks import Task, TaskError, is_heldout
 from minir1.tasks.base import read_jsonl
 from minir1.tokenizer import THINK, Tokenizer
+from minir1.train.loop import StepRows
 
 IGNORE = -100
 
@@ -79,8 +80,9 @@ class SFTStage:
             raise ValueError("SFT needs exactly one of a task or conversations")
         if self.conversations is not None:
             self._pairs = [p for c in self.conversations for p in encode_conversation(self.tokenizer, c)]
+        self._rows = StepRows(self._step_rows)
 
-    def _examples(self, rng: random.Random, step: int, micro: int):
+    def _examples(self, rng: random.Random):
         if self.task is not None:
             while True:
                 p = self.task.make(rng)
@@ -89,21 +91,25 @@ class SFTStage:
                 msgs = [{"role": "user", "content": p.question},
                         {"role": "assistant", "content": r1_response(p.solution, p.answer)}]
                 yield from encode_conversation(self.tokenizer, msgs)
-        else:  # sampled with replacement from the file's examples, seeded by (seed, step, micro)
+        else:  # sampled with replacement from the file's examples, seeded by (seed, step)
             while True:
                 yield self._pairs[rng.randrange(len(self._pairs))]
 
     def batch(self, step: int, micro: int, n_micro: int) -> dict[str, Tensor]:
         """Rows of packed examples: ids, labels (IGNORE outside completions), positions restarting at
-        each example, and doc ids so attention stays inside each example."""
-        rng = random.Random(f"sft:{self.seed}:{step}:{micro}")
+        each example, and doc ids so attention stays inside each example; rows of the step's batch, which
+        is built whole (the same data however the step is split)."""
+        return self._rows.micro(step, micro, n_micro, self.micro_batch_size)
+
+    def _step_rows(self, step: int, rows: int) -> dict[str, Tensor]:
+        rng = random.Random(f"sft:{self.seed}:{step}:0")
         T, pad = self.seq_len, self.tokenizer.pad_id or 0
-        ids = torch.full((self.micro_batch_size, T), pad, dtype=torch.long)
+        ids = torch.full((rows, T), pad, dtype=torch.long)
         labels = torch.full_like(ids, IGNORE)
         positions = torch.zeros_like(ids)
         docs = torch.full_like(ids, -1)
-        examples = self._examples(rng, step, micro)
-        for row in range(self.micro_batch_size):
+        examples = self._examples(rng)
+        for row in range(rows):
             used, doc = 0, 0
             while used < T:
                 prompt, completion = next(examples)
