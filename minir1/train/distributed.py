@@ -5,8 +5,8 @@ checkpoints in the Hugging Face layout — PyTorch's own machinery, no launcher 
 
 Under torchrun (WORLD_SIZE > 1) the process group is NCCL on GPUs and gloo on the CPU. The global batch is
 `batch_size` whatever the number of processes: the micro-batches of a step (batch_size / micro_batch_size
-of them, rows of the step's batch, which is a deterministic function of (seed, step)) are dealt out to the processes, so W
-processes compute exactly the gradient one process computes. Checkpoints hold full states (model in
+of them, rows of the step's batch, a deterministic function of (seed, step)) are dealt out to the
+processes, so W processes compute exactly the gradient one process computes. Checkpoints hold full states (model in
 HF layout, optimizer keyed by parameter name), so a run resumes with any number of processes.
 Expert parallelism is not here: every process holds (DDP) or shards (FSDP2) all experts.
 """
