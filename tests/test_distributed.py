@@ -112,3 +112,14 @@ def test_a_batch_the_processes_cannot_share_is_a_clear_error(tok, tmp_path):
                           "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "32", "--no-progress",
                           "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode != 0 and "cannot be shared by 2 processes" in res.stdout + res.stderr
+
+
+def test_the_default_micro_batch_under_torchrun_gives_one_process_result(tok, tmp_path):
+    """No --micro-batch-size: each of 2 processes takes half of every step, and the run ends with the weights
+    one process trains (issue 14: the default used to be the whole batch, which 2 processes cannot share)."""
+    args = ["pretrain", "--task", TASK, "--tokenizer", str(tok), *MODEL, "--steps", "3", "--batch-size", "4",
+            "--seq-len", "48", "--no-progress", "--seed", "3"]
+    run(*args, "--out", str(tmp_path / "two"), procs=2)
+    run(*args, "--out", str(tmp_path / "one"))
+    assert_same_weights(tmp_path / "two", tmp_path / "one")
+    assert json.loads((tmp_path / "two" / "train_config.json").read_text())["train"]["micro_batch_size"] == 2
