@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from minir1 import Transformer
-from minir1.hf import config_from_hf
+from minir1.models.hf.deepseek_v3 import config_from_hf
 from minir1.prompting import build_prompt
 from minir1.rewards import accuracy_reward, format_reward
 from minir1.tasks import get_task

@@ -8,8 +8,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from minir1.engine import Engine, SamplingParams
-from minir1.reasoning import ReasoningSplitter
-from minir1.tokenizer import THINK
+from minir1.reasoning import ReasoningSplitter, opened_reasoning
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 HELP = "Type a message. /reset clears the conversation, /exit quits. Ctrl-C stops an answer."
@@ -73,7 +72,7 @@ def run_chat(engine: Engine, params: SamplingParams, *, system: str | None = Non
             continue
         history.append({"role": "user", "content": text})
         prompt = tok.apply_chat_template(history, add_generation_prompt=True)
-        opened = tok.decode(prompt).endswith(THINK + "\n")  # the template already opened the thinking
+        opened = opened_reasoning(tok, prompt)  # the template may have opened the thinking
         limit = engine.model.config.max_position_embeddings - 1
         if len(prompt) >= limit:
             out.write(f"(the conversation is {len(prompt)} tokens, beyond the model's context of {limit}: "
@@ -82,8 +81,8 @@ def run_chat(engine: Engine, params: SamplingParams, *, system: str | None = Non
             continue
         run = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens,
                                                                          limit - len(prompt))})
-        renderer = ThinkingRenderer(out, color, thinking=opened)
-        reply = THINK + "\n" if opened else ""
+        renderer = ThinkingRenderer(out, color, thinking=bool(opened))
+        reply = opened
         stream = engine.stream([prompt], run)
         try:
             for event in stream:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -35,16 +36,12 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 def info(args: argparse.Namespace) -> int:
     import torch
 
-    from minir1.hf import read_config
-    from minir1.model import ModelConfig, Transformer
+    from minir1.checkpoint import build_model, read_config
+    from minir1.models.deepseek_v3 import ModelConfig
 
-    if args.ckpt:
-        from pathlib import Path
-        config = read_config(Path(args.ckpt) / "config.json")
-    else:
-        config = ModelConfig.from_preset(args.preset)
+    config = read_config(args.ckpt) if args.ckpt else ModelConfig.from_preset(args.preset)
     with torch.device("meta"):  # shapes only: works for the 671B model too
-        counts = Transformer(config).num_parameters()
+        counts = build_model(config).num_parameters()
     cache = {"bf16": config.kv_cache_bytes_per_token(2), "fp32": config.kv_cache_bytes_per_token(4)}
     if args.json:
         print(json.dumps({"config": config.to_dict(), "parameters": counts, "kv_cache_bytes_per_token": cache}))
@@ -87,20 +84,6 @@ def _sampling_params(args: argparse.Namespace, **extra):
                           speculative=args.speculative, **extra)
 
 
-def load_for_inference(ckpt: str, device: str | None = None):
-    """(model, tokenizer) from a checkpoint directory, on `device`, in eval mode."""
-    from minir1.devices import resolve_device
-    from minir1.model import Transformer
-    from minir1.tokenizer import Tokenizer
-    device = resolve_device(device)
-    tokenizer = Tokenizer.from_pretrained(ckpt)
-    model = Transformer.from_pretrained(ckpt, device=device).eval()
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{ckpt}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                         f"{model.config.vocab_size}")
-    return model, tokenizer
-
-
 def _generate_args(p: argparse.ArgumentParser) -> None:
     _ckpt_args(p)
     p.add_argument("--prompt", required=True, help="the user's message (or raw text with --raw)")
@@ -112,14 +95,16 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 @command("generate", "complete one prompt and print the result")(_generate_args)
 def generate(args: argparse.Namespace) -> int:
+    from minir1.checkpoint import load
     from minir1.engine import Engine
-    model, tokenizer = load_for_inference(args.ckpt, args.device)
+    from minir1.reasoning import opened_reasoning
+    model, tokenizer = load(args.ckpt, device=args.device)
     if args.raw or tokenizer.chat_template is None:
         ids = tokenizer.encode(args.prompt, add_bos=True)
         prefix = ""
     else:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-        prefix = "<think>\n" if tokenizer.decode(ids).endswith("<think>\n") else ""
+        prefix = opened_reasoning(tokenizer, ids)
     engine = Engine(model, tokenizer)
     outs = engine.generate([ids], _sampling_params(args, n=args.n))
     for out in outs:
@@ -145,13 +130,15 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 @command("chat", "interactive chat in the terminal (/reset, /exit; Ctrl-C stops an answer)")(_chat_args)
 def chat(args: argparse.Namespace) -> int:
     from minir1.chat import run_chat
+    from minir1.checkpoint import load
     from minir1.engine import Engine
-    model, tokenizer = load_for_inference(args.ckpt, args.device)
+    model, tokenizer = load(args.ckpt, device=args.device)
     return run_chat(Engine(model, tokenizer), _sampling_params(args), system=args.system)
 
 
 # --------------------------------------------------------------------------------------------------
-# training stages: every field of ModelConfig / TrainConfig is a flag
+# Stage commands: the flags are the fields of the stage's config dataclass (and of the configs nested in
+# it), so a field added to a stage's config is a flag here and a setting for the speedrun at once.
 # --------------------------------------------------------------------------------------------------
 
 def integer(value: str) -> int | None:
@@ -171,28 +158,62 @@ number.__name__ = "finite number"
 
 
 def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, title: str, skip: Sequence[str] = (),
-                        defaults: dict | None = None) -> None:
-    """`--field-name` for each field of a config dataclass (None default = keep the dataclass's)."""
+                        seen: set[str] | None = None) -> None:
+    """`--field-name` for each field of a config dataclass, recursing into nested config dataclasses and into
+    dict fields whose metadata names the dataclass of their keys (`fields_of`). A flag left out keeps the
+    dataclass's default (None); a field without a default is a required flag."""
     import dataclasses
     from typing import get_type_hints
     hints = get_type_hints(cls)
+    seen = set() if seen is None else seen
     group = p.add_argument_group(title)
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name.startswith("_"):
             continue
-        hint = str(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        default = (defaults or {}).get(f.name)
-        if "dict" in hint:
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            add_dataclass_flags(p, hint, f"{f.name} settings", seen=seen)
             continue
-        if hint == "<class 'bool'>" or hint == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        if "fields_of" in f.metadata:
+            add_dataclass_flags(p, f.metadata["fields_of"], f"{f.name} (override the preset)", skip=("model_type",),
+                                seen=seen)
+            continue
+        if "dict" in str(hint):
+            continue
+        if f.name in seen:  # one flag namespace per command: a clash is a bug in the configs
+            raise TypeError(f"{cls.__name__}.{f.name}: a flag --{f.name.replace('_', '-')} exists already")
+        seen.add(f.name)
+        flag = "--" + f.name.replace("_", "-")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        kw: dict[str, Any] = {"help": f.metadata.get("help"), "required": required, "default": None}
+        hint = str(hint)
+        if hint in ("<class 'bool'>", "bool"):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif "int" in hint and "float" not in hint:
-            group.add_argument(flag, type=integer, default=default, metavar="N")
+            group.add_argument(flag, type=integer, metavar="N", **kw)
         elif "float" in hint:
-            group.add_argument(flag, type=number, default=default, metavar="X")
+            group.add_argument(flag, type=number, metavar="X", **kw)
         else:
-            group.add_argument(flag, default=default)
+            group.add_argument(flag, **kw)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The config dataclass `cls` with the flags given on the command line (see add_dataclass_flags)."""
+    import dataclasses
+    from typing import get_type_hints
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            base = f.default_factory() if f.default_factory is not dataclasses.MISSING else hint()
+            kwargs[f.name] = dataclasses.replace(base, **dataclass_overrides(args, hint))
+        elif "fields_of" in f.metadata:
+            kwargs[f.name] = {k: v for k, v in dataclass_overrides(args, f.metadata["fields_of"]).items()
+                              if k != "model_type"}
+        elif getattr(args, f.name, None) is not None:
+            kwargs[f.name] = getattr(args, f.name)
+    return cls(**kwargs)
 
 
 def dataclass_overrides(args: argparse.Namespace, cls: type) -> dict:
@@ -207,228 +228,106 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _train_config(args: argparse.Namespace, **defaults):
-    from minir1.train import TrainConfig
-    from minir1.train.loop import resolve_micro_batch
-    cfg = resolve_micro_batch(TrainConfig(**{**defaults, **dataclass_overrides(args, TrainConfig)}))
-    cfg.validate()
-    return cfg
+def stage_command(name: str, help: str, config: Callable[[], type]):
+    """Register a stage as `minir1 NAME`: flags from the config class `config()`, then `fn(cfg, args)`."""
+    def register(fn: Callable[[Any], int]):
+        def run(args: argparse.Namespace) -> int:
+            return fn(config_from_args(config(), args))
+        COMMANDS[name] = (help, lambda p: add_dataclass_flags(p, config(), f"{name}"), run)
+        return fn
+    return register
 
 
-def _stage_args(p: argparse.ArgumentParser, model_flags: bool) -> None:
-    from minir1.model import ModelConfig
-    from minir1.train import TrainConfig
-    p.add_argument("--task", help="arithmetic[:digits=N,operands=N], countdown, or jsonl:PATH")
-    add_dataclass_flags(p, TrainConfig, "training")
-    if model_flags:
-        add_dataclass_flags(p, ModelConfig, "model (override the preset)", skip=("model_type",))
+def _pretrain_config() -> type:
+    from minir1.train.pretrain import PretrainConfig
+    return PretrainConfig
 
 
-def _pretrain_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="model preset to start from (default: tiny)")
-    p.add_argument("--tokenizer", help="a tokenizer directory (default: train one on the task)")
-    p.add_argument("--mtp-weight", type=number, default=0.3, help="λ, the weight of the MTP loss")
-    _stage_args(p, model_flags=True)
+def _sft_config() -> type:
+    from minir1.train.sft import SFTConfig
+    return SFTConfig
 
 
-@command("pretrain", "pretrain a DeepSeek-V3 model (MLA, MoE, MTP) on a task's documents")(_pretrain_args)
-def pretrain(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _grpo_config() -> type:
+    from minir1.train.grpo import GRPOStageConfig
+    return GRPOStageConfig
 
-    from minir1.model import ModelConfig, Transformer
-    from minir1.tasks import get_task
-    from minir1.tokenizer import Tokenizer
-    from minir1.train import train
-    from minir1.train.pretrain import PretrainStage, train_tokenizer
-    if not args.task:
-        raise ValueError("pretrain needs --task (arithmetic, countdown or jsonl:PATH)")
-    task = get_task(args.task)
-    cfg = _train_config(args, out="runs/pretrain")
-    overrides = {k: v for k, v in dataclass_overrides(args, ModelConfig).items() if k != "model_type"}
-    model_cfg = ModelConfig.from_preset(args.preset, **overrides)
-    if args.tokenizer:
-        tokenizer = Tokenizer.from_pretrained(args.tokenizer)
-    else:
-        # A resumed run continues with its checkpoint's tokenizer; nothing is written to --out before the run
-        # completes (the loop publishes the tokenizer with the weights).
-        from minir1.train.loop import latest_checkpoint
-        ckpt = latest_checkpoint(Path(cfg.out)) if cfg.resume else None
-        tokenizer = (Tokenizer.from_pretrained(ckpt) if ckpt is not None
-                     else train_tokenizer(task, model_cfg.vocab_size, cfg.seed, show_progress=cfg.progress))
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but vocab_size is {model_cfg.vocab_size}")
-    model_cfg = model_cfg.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                                  pad_token_id=tokenizer.pad_id)
-    import torch
-    torch.manual_seed(cfg.seed)
-    model = Transformer(model_cfg)
-    stage = PretrainStage(task, tokenizer, cfg.seq_len, cfg.micro_batch_size or cfg.batch_size, cfg.seed,
-                          args.mtp_weight)
-    result = train(model, tokenizer, stage, cfg)
+
+def _sample_config() -> type:
+    from minir1.train.sample import SampleConfig
+    return SampleConfig
+
+
+def _distill_config() -> type:
+    from minir1.train.distill import DistillConfig
+    return DistillConfig
+
+
+def _eval_config() -> type:
+    from minir1.evaluate import EvaluateConfig
+    return EvaluateConfig
+
+
+def _trained(what: str, result: Any) -> None:
     if _rank() == 0:
-        print(f"pretrained {result.steps} steps; final loss {result.last_metrics.get('loss', float('nan')):.4f}; "
+        print(f"{what} {result.steps} steps; final loss {result.last_metrics.get('loss', float('nan')):.4f}; "
               f"checkpoint in {result.out}")
+
+
+@stage_command("pretrain", "pretrain a DeepSeek-V3 model (MLA, MoE, MTP) on a task's documents", _pretrain_config)
+def pretrain_cmd(cfg: Any) -> int:
+    from minir1.train.pretrain import pretrain
+    _trained("pretrained", pretrain(cfg))
     return 0
 
 
-def _sft_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--init", required=True, help="checkpoint to start from")
-    p.add_argument("--data", help="chat data: a .jsonl file of {\"messages\": [...]} lines")
-    _stage_args(p, model_flags=False)
-
-
-@command("sft", "supervised fine-tuning on chat data or a task's worked solutions (<think> format)")(_sft_args)
-def sft(args: argparse.Namespace) -> int:
-    from minir1.model import Transformer
-    from minir1.tasks import get_task
-    from minir1.tokenizer import Tokenizer
-    from minir1.train import train
-    from minir1.train.sft import SFTStage, load_chat_file
-    if bool(args.task) == bool(args.data):
-        raise ValueError("sft needs exactly one of --task NAME or --data FILE.jsonl")
-    cfg = _train_config(args, out="runs/sft", lr=1e-3, warmup_steps=10)
-    tokenizer = Tokenizer.from_pretrained(args.init)
-    model = Transformer.from_pretrained(args.init)
-    mb = cfg.micro_batch_size or cfg.batch_size
-    if args.task:
-        stage = SFTStage(tokenizer, cfg.seq_len, mb, task=get_task(args.task), seed=cfg.seed, data_source=args.task)
-    else:
-        stage = SFTStage(tokenizer, cfg.seq_len, mb, conversations=load_chat_file(args.data), seed=cfg.seed,
-                         data_source=str(args.data))
-    result = train(model, tokenizer, stage, cfg)
-    if _rank() == 0:
-        print(f"fine-tuned {result.steps} steps; final loss {result.last_metrics.get('loss', float('nan')):.4f}; "
-              f"checkpoint in {result.out}")
+@stage_command("sft", "supervised fine-tuning on chat data or a task's worked solutions (<think> format)",
+               _sft_config)
+def sft_cmd(cfg: Any) -> int:
+    from minir1.train.sft import sft
+    _trained("fine-tuned", sft(cfg))
     return 0
 
 
-def _task_sampling_args(p: argparse.ArgumentParser, n_help: str, samples: int, samples_help: str,
-                        temperature: float | None, temperature_help: str) -> None:
-    """Flags shared by the commands that sample a checkpoint on a task's problems (eval, sample)."""
-    _ckpt_args(p)
-    p.add_argument("--task", required=True)
-    p.add_argument("--n", type=int, default=100, help=n_help)
-    p.add_argument("--samples", type=int, default=samples, help=samples_help)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=number, default=temperature, help=temperature_help)
-    p.add_argument("--template", default="chat", choices=["chat", "r1-zero"])
-    p.add_argument("--seed", type=int, default=0)
-
-
-def _output_file(path: str | None, flag: str = "--out") -> None:
-    """An output file's path is checked before the work that fills it."""
-    from pathlib import Path
-    if path is None:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{flag} {path} is a directory; name a file")
-    if p.parent.exists() and not p.parent.is_dir():
-        raise ValueError(f"{flag} {path}: {p.parent} is not a directory")
-
-
-def _task_and_checkpoint(args: argparse.Namespace):
-    """(task, model, tokenizer) for the commands declared with _task_sampling_args, flags checked first."""
-    from minir1.tasks import get_task
-    if args.n < 1 or args.samples < 1:
-        raise ValueError(f"--n ({args.n}) and --samples ({args.samples}) must be >= 1")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens ({args.max_new_tokens}) must be >= 1")
-    if args.temperature is not None and args.temperature < 0:
-        raise ValueError(f"--temperature ({args.temperature}) must be >= 0")
-    _output_file(args.out)
-    task = get_task(args.task)
-    model, tokenizer = load_for_inference(args.ckpt, args.device)
-    return task, model, tokenizer
-
-
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    _task_sampling_args(p, "held-out problems", 1, "K completions per problem (pass@K, maj@K)", None,
-                        "default: 0 for one sample, 0.6 for several")
-    p.add_argument("--out", help="write the results as JSON here (default: <ckpt>/eval_<task>.json)")
-
-
-@command("eval", "held-out pass@1, pass@k, maj@k and format rate on a task")(_eval_args)
-def evaluate_cmd(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from minir1.evaluate import EvalConfig, evaluate
-    task, model, tokenizer = _task_and_checkpoint(args)
-    res = evaluate(model, tokenizer, task, EvalConfig(n=args.n, samples=args.samples, seed=args.seed,
-                                                       max_new_tokens=args.max_new_tokens,
-                                                       temperature=args.temperature, template=args.template))
-    k = args.samples
-    at_k = f"pass@{k} {res[f'pass@{k}']:.3f}  maj@{k} {res[f'maj@{k}']:.3f}  " if k > 1 else ""
-    print(f"{res['task']}: {res['problems']} held-out problems x {k} sample(s): pass@1 {res['pass@1']:.3f}  "
-          f"{at_k}format {res['format_rate']:.3f}  mean length {res['mean_completion_tokens']:.1f} tokens")
-    safe = "".join(ch if ch.isalnum() else "_" for ch in args.task.split(":")[0])
-    out = Path(args.out) if args.out else Path(args.ckpt) / f"eval_{safe}.json"
-    from minir1.files import write_json
-    write_json(out, res)
-    print(f"written to {out}")
-    return 0
-
-
-def _grpo_args(p: argparse.ArgumentParser) -> None:
-    from minir1.train.grpo import GRPOConfig
-    p.add_argument("--init", required=True, help="checkpoint to start from (an SFT model, or a base model "
-                                                 "with --template r1-zero)")
-    _stage_args(p, model_flags=False)
-    add_dataclass_flags(p, GRPOConfig, "GRPO")
-
-
-@command("grpo", "GRPO with rule-based rewards (R1-Zero style RL)")(_grpo_args)
-def grpo(args: argparse.Namespace) -> int:
-    from minir1.model import Transformer
-    from minir1.tasks import get_task
-    from minir1.tokenizer import Tokenizer
-    from minir1.train import train
-    from minir1.train.grpo import GRPOConfig, GRPOStage, make_reference
-    if not args.task:
-        raise ValueError("grpo needs --task")
-    gcfg = GRPOConfig(**dataclass_overrides(args, GRPOConfig))
-    gcfg.validate()
-    completions = gcfg.prompts_per_step * gcfg.group_size
-    steps = args.steps if args.steps is not None else 50
-    micro = min(args.micro_batch_size, completions) if args.micro_batch_size else 0  # 0: chosen for the processes
-    if args.batch_size not in (None, completions):
-        raise ValueError(f"GRPO's batch is prompts_per_step x group_size ({completions} completions); "
-                         f"drop --batch-size ({args.batch_size}) or change those two")
-    cfg = _train_config(args, out="runs/grpo", lr=1e-4, warmup_steps=0, schedule="constant",
-                        batch_size=completions, micro_batch_size=micro, weight_decay=0.0,
-                        route_bias_speed=0.0)
-    cfg.steps = steps * gcfg.mu
-    cfg.batch_size = completions
-    if completions % (cfg.micro_batch_size or completions):
-        raise ValueError(f"micro_batch_size ({cfg.micro_batch_size}) must divide prompts_per_step x group_size "
-                         f"({completions})")
-    task = get_task(args.task)
-    tokenizer = Tokenizer.from_pretrained(args.init)
-    model = Transformer.from_pretrained(args.init)
-    ref = make_reference(model) if gcfg.beta > 0 else None
-    stage = GRPOStage(task, tokenizer, gcfg, cfg.micro_batch_size or completions, cfg.seed, ref_model=ref)
-    result = train(model, tokenizer, stage, cfg)
+@stage_command("grpo", "GRPO with rule-based rewards (R1-Zero style RL)", _grpo_config)
+def grpo_cmd(cfg: Any) -> int:
+    from minir1.train.grpo import grpo
+    result = grpo(cfg)
     m = result.last_metrics
     if _rank() == 0:
-        print(f"GRPO {steps} steps; last reward {m.get('reward_mean', float('nan')):.3f}, accuracy "
+        print(f"GRPO {cfg.train.steps} steps; last reward {m.get('reward_mean', float('nan')):.3f}, accuracy "
               f"{m.get('accuracy', float('nan')):.3f}; checkpoint in {result.out}")
     return 0
 
 
-def _sample_args(p: argparse.ArgumentParser) -> None:
-    _task_sampling_args(p, "training problems to sample", 4, "completions per problem", 0.7, "sampling temperature")
-    p.add_argument("--out", required=True, help="a .jsonl file of verified chat examples, for `minir1 sft --data`")
+@stage_command("sample", "rejection sampling: keep verified, well-formatted completions as SFT data", _sample_config)
+def sample_cmd(cfg: Any) -> int:
+    from minir1.train.sample import sample
+    r = sample(cfg)
+    print(f"kept {r.kept} of {r.sampled} completions ({r.kept / r.sampled:.0%}); written to {r.out}")
+    return 0
 
 
-@command("sample", "rejection sampling: keep verified, well-formatted completions as SFT data")(_sample_args)
-def sample_cmd(args: argparse.Namespace) -> int:
-    from minir1.train.grpo import rejection_sample, write_jsonl
-    task, model, tokenizer = _task_and_checkpoint(args)
-    rows = rejection_sample(model, tokenizer, task, args.n, args.samples, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, template=args.template, seed=args.seed)
-    write_jsonl(rows, args.out)
-    print(f"kept {len(rows)} of {args.n * args.samples} completions ({len(rows) / (args.n * args.samples):.0%}); "
-          f"written to {args.out}")
+@stage_command("distill", "distillation: SFT a student on a teacher's verified traces (R1 §2.4)", _distill_config)
+def distill_cmd(cfg: Any) -> int:
+    from minir1.train.distill import distill
+    r = distill(cfg)
+    if _rank() == 0:
+        print(f"the teacher's verified traces: {r.data.kept} of {r.data.sampled} samples, in {r.data.out}")
+    _trained("distilled: fine-tuned", r.student)
+    return 0
+
+
+@stage_command("eval", "held-out pass@1, pass@k, maj@k and format rate on a task", _eval_config)
+def evaluate_cmd(cfg: Any) -> int:
+    from minir1.evaluate import evaluate_checkpoint
+    res = evaluate_checkpoint(cfg)
+    k = cfg.eval.samples
+    at_k = f"pass@{k} {res[f'pass@{k}']:.3f}  maj@{k} {res[f'maj@{k}']:.3f}  " if k > 1 else ""
+    print(f"{res['task']}: {res['problems']} held-out problems x {k} sample(s): pass@1 {res['pass@1']:.3f}  "
+          f"{at_k}format {res['format_rate']:.3f}  mean length {res['mean_completion_tokens']:.1f} tokens")
+    if cfg.save:
+        print(f"written to {cfg.out_path()}")
     return 0
 
 
@@ -474,7 +373,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def serve_cmd(args: argparse.Namespace) -> int:
     import os
 
-    from minir1.server import serve
+    from minir1.serve.app import serve
     if not 0 < args.port < 65536:
         raise ValueError(f"--port ({args.port}) must be between 1 and 65535")
     if args.max_batch < 1:
@@ -503,8 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from minir1.errors import TrainingError
     from minir1.files import DiskFullError
-    from minir1.train.loop import TrainingError
     try:
         return COMMANDS[args.command][2](args)
     except (FileNotFoundError, ValueError, TrainingError, DiskFullError) as e:  # config, checkpoint, data, disk

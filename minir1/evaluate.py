@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from minir1.engine import Engine, SamplingParams
-from minir1.model import Transformer
+from minir1.models.base import CausalLM
 from minir1.prompting import build_prompt
 from minir1.rewards import accuracy_reward, extract_answer, format_reward, normalise_text, parse_number, parse_response
 from minir1.tasks import Task
@@ -17,14 +18,16 @@ from minir1.tokenizer import Tokenizer
 
 @dataclass
 class EvalConfig:
-    n: int = 100                 # held-out problems
-    samples: int = 1             # K completions per problem
+    n: int = field(default=100, metadata={"help": "held-out problems"})
+    samples: int = field(default=1, metadata={"help": "K completions per problem (pass@K, maj@K)"})
     max_new_tokens: int = 256
-    temperature: float | None = None   # default: 0 (greedy) for one sample, 0.6 for several (R1's setting)
+    temperature: float | None = field(default=None, metadata={"help": "default: 0 (greedy) for one sample, 0.6 "
+                                                                      "for several (R1's setting)"})
     top_p: float = 0.95
-    template: str = "chat"
+    template: str = field(default="chat", metadata={"help": "chat or r1-zero"})
     seed: int = 0
-    at_most: bool = False        # a split with fewer than n distinct problems: use them all instead of failing
+    at_most: bool = field(default=False, metadata={"help": "a split with fewer than n distinct problems: use "
+                                                           "them all instead of failing"})
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -39,7 +42,7 @@ def _vote_key(answer: str) -> str:
     return f"num:{value}" if value is not None else f"text:{normalise_text(answer)}"
 
 
-def evaluate(model: Transformer, tokenizer: Tokenizer, task: Task, cfg: EvalConfig | None = None) -> dict[str, Any]:
+def evaluate(model: CausalLM, tokenizer: Tokenizer, task: Task, cfg: EvalConfig | None = None) -> dict[str, Any]:
     cfg = cfg or EvalConfig()
     # Distinct problems: a held-out figure over n problems means n different ones.
     problems = task.take(cfg.n, "test", cfg.seed, distinct=True, at_most=cfg.at_most)
@@ -83,3 +86,50 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, task: Task, cfg: EvalConf
         "examples": [{"question": p.question, "answer": p.answer, "response": opened[i] + completions[i * k].text}
                      for i, p in enumerate(problems[:3])],
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class EvaluateConfig:
+    ckpt: str = field(metadata={"help": "checkpoint directory (model + tokenizer, Hugging Face layout)"})
+    task: str = field(metadata={"help": "arithmetic[:digits=N,operands=N], countdown, or jsonl:PATH"})
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out: str | None = field(default=None, metadata={"help": "write the results as JSON here (default: "
+                                                            "<ckpt>/eval_<task>.json)"})
+    save: bool = field(default=True, metadata={"help": "write the JSON file (--no-save: only return/print)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
+
+    def validate(self) -> None:
+        from minir1.prompting import TEMPLATES
+        from minir1.train.sample import check_output_file
+        e = self.eval
+        if e.n < 1 or e.samples < 1:
+            raise ValueError(f"--n ({e.n}) and --samples ({e.samples}) must be >= 1")
+        if e.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens ({e.max_new_tokens}) must be >= 1")
+        if e.temperature is not None and e.temperature < 0:
+            raise ValueError(f"--temperature ({e.temperature}) must be >= 0")
+        if e.template not in TEMPLATES:
+            raise ValueError(f"--template ({e.template!r}) must be one of {', '.join(TEMPLATES)}")
+        check_output_file(self.out)
+
+    def out_path(self) -> Path:
+        safe = "".join(ch if ch.isalnum() else "_" for ch in self.task.split(":")[0])
+        return Path(self.out) if self.out else Path(self.ckpt) / f"eval_{safe}.json"
+
+
+def evaluate_checkpoint(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Held-out evaluation of a checkpoint directory on a task; the results are also written as JSON."""
+    from minir1.checkpoint import load
+    from minir1.files import write_json
+    from minir1.tasks import get_task
+    cfg.validate()
+    task = get_task(cfg.task)
+    model, tokenizer = load(cfg.ckpt, device=cfg.device)
+    res = evaluate(model, tokenizer, task, cfg.eval)
+    if cfg.save:
+        write_json(cfg.out_path(), res)
+    return res

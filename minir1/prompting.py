@@ -8,6 +8,7 @@ thinking with "<think>\\n" — so the response to score is that opening plus the
 
 from __future__ import annotations
 
+from minir1.reasoning import opened_reasoning
 from minir1.tokenizer import THINK, Tokenizer
 
 TEMPLATES = ("chat", "r1-zero")
@@ -25,9 +26,7 @@ def build_prompt(tokenizer: Tokenizer, question: str, template: str = "chat") ->
     """-> (prompt ids, the part of the response the prompt already wrote, e.g. "<think>\\n")."""
     if template == "chat":
         ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
-        text = tokenizer.decode(ids[-4:])
-        opened = THINK + "\n" if text.endswith(THINK + "\n") else (THINK if text.endswith(THINK) else "")
-        return ids, opened
+        return ids, opened_reasoning(tokenizer, ids)
     if template == "r1-zero":
         return tokenizer.encode(R1_ZERO_TEMPLATE.format(question=question), add_bos=True), ""
     raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")

@@ -5,14 +5,28 @@ one is held back until it cannot."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from minir1.tokenizer import ANSWER, END_ANSWER, END_THINK, THINK
 
 TAGS = (THINK, END_THINK, ANSWER, END_ANSWER)
 
 
+def opened_reasoning(tokenizer: Any, prompt: Sequence[int]) -> str:
+    """Does the generation prompt open a reasoning block? -> the part of the response it already wrote:
+    "<think>\n", "<think>" or "" (DeepSeek-R1's chat template ends its generation prompt with "<think>\n",
+    so the model's text starts inside the thinking). The one place that answers this question, for the
+    CLI, the chat, the server, SFT's targets, and the responses that rewards and evaluation score."""
+    text = tokenizer.decode(list(prompt[-4:]))
+    if text.endswith(THINK + "\n"):
+        return THINK + "\n"
+    return THINK if text.endswith(THINK) else ""
+
+
 class ReasoningSplitter:
     def __init__(self, thinking: bool = False) -> None:
-        self.thinking = thinking   # True when the prompt already opened <think>
+        self.thinking = thinking   # True when the prompt already opened <think> (see opened_reasoning)
         self.pending = ""
         self._after_think = False
 

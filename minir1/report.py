@@ -53,10 +53,9 @@ def environment() -> dict[str, Any]:
 
 
 def parameter_counts(ckpt: Path) -> dict[str, int]:
-    from minir1.hf import read_config
-    from minir1.model import Transformer
+    from minir1.checkpoint import build_model, read_config
     with torch.device("meta"):
-        return Transformer(read_config(ckpt / "config.json")).num_parameters()
+        return build_model(read_config(ckpt)).num_parameters()
 
 
 def plot(out: Path) -> list[str]:

@@ -5,8 +5,8 @@
     student (about 4x smaller): pretrain -> SFT on the teacher's verified traces (distillation, §2.4)
                                          -> cold-start SFT + GRPO with the teacher's budget (§4.1's comparison)
 
-Every stage is one of minir1's own commands, run in-process with the flags a user would type; each stage
-is evaluated on held-out problems as soon as it finishes. `<out>/speedrun_state.json` records finished
+Every stage is one of minir1's stage functions (the ones the CLI's commands call), given its typed config;
+each stage is evaluated on held-out problems as soon as it finishes. `<out>/speedrun_state.json` records finished
 stages, so a run that is interrupted and started again continues from the last finished stage (and a
 training stage from its last checkpoint). The report (`report.md`, `report.json`, plots) is written last.
 """
@@ -17,13 +17,21 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from minir1.train.loop import TrainingError
+from minir1.errors import TrainingError
+from minir1.evaluate import EvalConfig, EvaluateConfig, evaluate_checkpoint
+from minir1.files import DiskFullError
+from minir1.train.distill import DistillConfig
+from minir1.train.grpo import GRPOConfig, GRPOStageConfig, grpo
+from minir1.train.loop import TrainConfig
+from minir1.train.pretrain import PretrainConfig, pretrain
+from minir1.train.sample import SampleConfig, sample
+from minir1.train.sft import SFTConfig, sft
 
 STATE = "speedrun_state.json"
 EVALUATED = ("base", "sft", "grpo", "rs_sft", "student_distill", "student_grpo")
@@ -86,7 +94,6 @@ class SpeedrunConfig:
     def validate(self) -> None:
         """Check the settings before the first stage runs, not half-way through the recipe."""
         from minir1.tasks import get_task
-        from minir1.train.grpo import GRPOConfig
         get_task(self.task)
         GRPOConfig(prompts_per_step=self.prompts_per_step, group_size=self.group_size,
                    max_new_tokens=self.max_new_tokens).validate()
@@ -98,8 +105,8 @@ class SpeedrunConfig:
             raise ValueError(f"speedrun settings must be >= 1: {', '.join(bad)}")
 
     def student_overrides(self) -> dict[str, Any]:
-        """Model flags for the student: the teacher's preset at half the width."""
-        from minir1.model import ModelConfig
+        """The student's model settings: the teacher's preset at half the width."""
+        from minir1.models.deepseek_v3 import ModelConfig
         t = ModelConfig.from_preset(self.model_preset, hidden_size=self.hidden_size, vocab_size=self.vocab_size)
         half = {"hidden_size": t.hidden_size // 2, "num_attention_heads": max(1, t.num_attention_heads // 2),
                 "intermediate_size": t.intermediate_size // 2, "moe_intermediate_size": t.moe_intermediate_size // 2,
@@ -109,17 +116,77 @@ class SpeedrunConfig:
         return half
 
 
-def _flags(d: dict[str, Any]) -> list[str]:
-    out = []
-    for k, v in d.items():
-        out += [f"--{k.replace('_', '-')}", str(v)]
-    return out
+class Recipe:
+    """What each stage of the speedrun runs: the stage functions' configs, built from a SpeedrunConfig. A
+    setting added to a stage's config reaches `minir1 <stage>` as a flag and the speedrun as its default."""
+
+    def __init__(self, cfg: SpeedrunConfig) -> None:
+        self.cfg, self.out = cfg, Path(cfg.out)
+
+    def path(self, name: str) -> str:
+        return str(self.out / name)
+
+    def train(self, base: TrainConfig, out: str, steps: int, lr: float | None = None,
+              batch: bool = True) -> TrainConfig:
+        """A stage's TrainConfig: its defaults, with the recipe's output, length, seed and batch."""
+        c = self.cfg
+        changes: dict[str, Any] = dict(out=self.path(out), steps=steps, seed=c.seed, resume=True, progress=c.progress)
+        if batch:  # GRPO's batch is prompts_per_step x group_size
+            changes.update(batch_size=c.batch_size, seq_len=c.seq_len)
+        if c.save_every:
+            changes["save_every"] = c.save_every
+        if lr is not None:
+            changes["lr"] = lr
+        return replace(base, **changes)
+
+    def pretrain(self, out: str, student: bool = False) -> PretrainConfig:
+        c = self.cfg
+        model = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, **(c.student_overrides() if student else {})}
+        base = PretrainConfig(task=c.task, preset=c.model_preset, model=model, tokenizer=self.path("tokenizer"))
+        steps = c.student_pretrain_steps if student else c.pretrain_steps
+        return replace(base, train=self.train(base.train, out, steps, c.pretrain_lr))
+
+    def cold_start(self, init: str, out: str) -> SFTConfig:
+        base = SFTConfig(init=self.path(init), task=self.cfg.task)
+        return replace(base, train=self.train(base.train, out, self.cfg.sft_steps))
+
+    def grpo(self, init: str, out: str) -> GRPOStageConfig:
+        c = self.cfg
+        base = GRPOStageConfig(init=self.path(init), task=c.task)
+        return replace(base, grpo=replace(base.grpo, prompts_per_step=c.prompts_per_step, group_size=c.group_size,
+                                          max_new_tokens=c.max_new_tokens, eval_every=max(1, c.grpo_steps // 4),
+                                          eval_n=min(c.eval_n, 100), eval_samples=c.eval_samples),
+                       train=self.train(base.train, out, c.grpo_steps, c.grpo_lr, batch=False))
+
+    def rejection_sampling(self) -> SampleConfig:
+        c = self.cfg
+        return SampleConfig(ckpt=self.path("grpo"), task=c.task, out=self.path("rs_data.jsonl"), n=c.rs_problems,
+                            samples=c.rs_samples, max_new_tokens=c.max_new_tokens, seed=c.seed)
+
+    def rs_sft(self) -> SFTConfig:
+        base = SFTConfig(init=self.path("grpo"), data=self.rejection_sampling().out)
+        return replace(base, train=self.train(base.train, "rs_sft", self.cfg.rs_sft_steps, self.cfg.rs_sft_lr))
+
+    def distill(self) -> DistillConfig:
+        """R1 §2.4: the final teacher's verified traces, then the student's SFT on them."""
+        c = self.cfg
+        base = DistillConfig(teacher=self.path("final"), init=self.path("student_base"), task=c.task,
+                             data=self.path("distill_data.jsonl"), problems=c.distill_problems, samples=c.rs_samples,
+                             max_new_tokens=c.max_new_tokens)
+        return replace(base, train=self.train(base.train, "student_distill", c.distill_steps))
+
+    def evaluation(self, ckpt: str) -> EvaluateConfig:
+        c = self.cfg
+        return EvaluateConfig(ckpt=self.path(ckpt), task=c.task, save=False, eval=EvalConfig(
+            n=c.eval_n, samples=c.eval_samples, max_new_tokens=c.max_new_tokens, seed=c.seed, at_most=True))
 
 
 class Speedrun:
+    """Runs the recipe's stages in order, each once: finished stages are recorded in speedrun_state.json."""
+
     def __init__(self, cfg: SpeedrunConfig) -> None:
         cfg.validate()
-        self.cfg = cfg
+        self.cfg, self.recipe = cfg, Recipe(cfg)
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / STATE
@@ -132,12 +199,6 @@ class Speedrun:
         tmp.write_text(json.dumps(self.state, indent=2) + "\n")
         tmp.replace(self.out / STATE)
 
-    def _cli(self, *argv: str) -> None:
-        from minir1.cli import main
-        if main(list(argv)) != 0:
-            raise TrainingError(f"stage command `minir1 {' '.join(argv)}` failed (its error is above); "
-                                f"start the speedrun again to continue from the last finished stage")
-
     def stage(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> None:
         """Run a stage unless a previous run finished it; record its time and results."""
         done = self.state["stages"].get(name)
@@ -146,7 +207,11 @@ class Speedrun:
             return
         print(f"[speedrun] {name} ...", flush=True)
         t = time.perf_counter()
-        extra = fn() or {}
+        try:
+            extra = fn() or {}
+        except (ValueError, TrainingError, DiskFullError) as e:
+            raise TrainingError(f"stage {name}: {e} (start the speedrun again to continue from the last finished "
+                                "stage)") from e
         record = {"done": True, "seconds": time.perf_counter() - t, **extra}
         self.state["stages"][name] = record
         self._save()
@@ -157,146 +222,73 @@ class Speedrun:
         print(f"[speedrun] {name} finished in {record['seconds']:.0f} s{summary}", flush=True)
 
     # -- pieces -------------------------------------------------------------------------------------------
-    def _train_flags(self, out: str, steps: int, lr: float | None = None, batch: bool = True) -> list[str]:
-        c = self.cfg
-        flags = ["--out", str(self.out / out), "--steps", str(steps), "--seed", str(c.seed), "--resume",
-                 "--progress" if c.progress else "--no-progress"]
-        if batch:  # GRPO's batch is prompts_per_step x group_size
-            flags += ["--batch-size", str(c.batch_size), "--seq-len", str(c.seq_len)]
-        if c.save_every:
-            flags += ["--save-every", str(c.save_every)]
-        if lr is not None:
-            flags += ["--lr", str(lr)]
-        return flags
-
     def evaluate(self, ckpt: str) -> dict[str, Any]:
-        from minir1.cli import load_for_inference
-        from minir1.evaluate import EvalConfig, evaluate
-        from minir1.tasks import get_task
-        c = self.cfg
-        model, tokenizer = load_for_inference(str(self.out / ckpt))
-        res = evaluate(model, tokenizer, get_task(c.task), EvalConfig(
-            n=c.eval_n, samples=c.eval_samples, max_new_tokens=c.max_new_tokens, seed=c.seed, at_most=True))
+        res = evaluate_checkpoint(self.recipe.evaluation(ckpt))
         return {k: v for k, v in res.items() if k != "examples"} | {"example": res["examples"][0]}
 
-    def _sample(self, ckpt: str, out: str, n: int) -> dict[str, Any]:
-        c = self.cfg
-        self._cli("sample", "--ckpt", str(self.out / ckpt), "--task", c.task, "--n", str(n), "--samples",
-                  str(c.rs_samples), "--max-new-tokens", str(c.max_new_tokens), "--seed", str(c.seed),
-                  "--out", str(self.out / out))
-        kept = sum(1 for _ in (self.out / out).open())
-        return {"kept": kept, "sampled": n * c.rs_samples}
+    def trained(self, fn: Callable[[Any], Any], cfg: Any, evaluate: bool = True) -> dict[str, Any]:
+        fn(cfg)
+        return {"eval": self.evaluate(Path(cfg.train.out).name)} if evaluate else {}
 
-    def _sft_on_samples(self, init: str, data: str, out: str, steps: int, lr: float | None = None) -> dict[str, Any]:
+    def sampled(self, cfg: SampleConfig) -> dict[str, Any]:
+        r = sample(cfg)
+        return {"kept": r.kept, "sampled": r.sampled}
+
+    def sft_on_samples(self, cfg: SFTConfig) -> dict[str, Any]:
         """SFT on verified samples; with none to learn from (a model too weak to solve anything), the
         stage passes its input model on unchanged and says so."""
-        if (self.out / data).stat().st_size == 0:
-            print(f"[speedrun] {data} holds no verified samples: {out} is {init} unchanged", flush=True)
-            if (self.out / out).exists():
-                shutil.rmtree(self.out / out)
-            shutil.copytree(self.out / init, self.out / out, ignore=shutil.ignore_patterns("checkpoints"))
-            return {"skipped": f"no verified samples in {data}", "eval": self.evaluate(out)}
-        self._cli("sft", "--init", str(self.out / init), "--data", str(self.out / data),
-                  *self._train_flags(out, steps, lr))
-        return {"eval": self.evaluate(out)}
+        data, init, out = Path(cfg.data), Path(cfg.init), Path(cfg.train.out)
+        if data.stat().st_size == 0:
+            print(f"[speedrun] {data.name} holds no verified samples: {out.name} is {init.name} unchanged", flush=True)
+            if out.exists():
+                shutil.rmtree(out)
+            shutil.copytree(init, out, ignore=shutil.ignore_patterns("checkpoints"))
+            return {"skipped": f"no verified samples in {data.name}", "eval": self.evaluate(out.name)}
+        return self.trained(sft, cfg)
 
-    def _grpo(self, init: str, out: str) -> dict[str, Any]:
+    def tokenizer(self) -> dict[str, Any]:
+        from minir1.tasks import get_task
+        from minir1.train.pretrain import train_tokenizer
         c = self.cfg
-        self._cli("grpo", "--init", str(self.out / init), "--task", c.task, "--prompts-per-step",
-                  str(c.prompts_per_step), "--group-size", str(c.group_size), "--max-new-tokens",
-                  str(c.max_new_tokens), "--eval-every", str(max(1, c.grpo_steps // 4)), "--eval-n",
-                  str(min(c.eval_n, 100)), "--eval-samples", str(c.eval_samples),
-                  *self._train_flags(out, c.grpo_steps, c.grpo_lr, batch=False))
-        return {"eval": self.evaluate(out)}
+        tok = train_tokenizer(get_task(c.task), c.vocab_size, c.seed, show_progress=False)
+        tok.save_pretrained(self.out / "tokenizer")
+        return {"vocab_size": tok.vocab_size}
+
+    def final(self) -> dict[str, Any]:
+        if (self.out / "final").exists():
+            shutil.rmtree(self.out / "final")
+        shutil.copytree(self.out / "rs_sft", self.out / "final", ignore=shutil.ignore_patterns("checkpoints",
+                                                                                             "tensorboard"))
+        return {"from": "rs_sft"}
 
     def speculative(self, ckpt: str) -> dict[str, Any]:
-        """MTP self-speculative decoding against plain greedy decoding on held-out prompts, batch 1."""
-        from minir1.cli import load_for_inference
-        from minir1.engine import Engine, SamplingParams
+        from minir1.checkpoint import load
         from minir1.prompting import build_prompt
         from minir1.tasks import get_task
-        model, tokenizer = load_for_inference(str(self.out / ckpt))
-        if not model.config.num_nextn_predict_layers:
+        model, tokenizer = load(self.out / ckpt)
+        if not model.num_mtp_modules:
             return {"skipped": "the model has no MTP module"}
         problems = get_task(self.cfg.task).take(12, "test", self.cfg.seed)
         prompts = [build_prompt(tokenizer, p.question)[0] for p in problems]
-        engine = Engine(model, tokenizer)
-        rows: dict[str, list[float]] = {"plain": [], "speculative": [], "acceptance": []}
-        for _ in range(2):  # the second round is the one that counts (warm caches and allocator)
-            rows = {"plain": [], "speculative": [], "acceptance": []}
-            for ids in prompts:
-                for spec in (False, True):
-                    engine.generate([ids], SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=0,
-                                                          speculative=spec))
-                    rows["speculative" if spec else "plain"].append(engine.last_stats["tokens_per_s"])
-                    if spec:
-                        rows["acceptance"].append(engine.last_stats["acceptance_rate"])
-        med = {k: sorted(v)[len(v) // 2] for k, v in rows.items()}
-        return {"acceptance_rate": med["acceptance"], "plain_tokens_per_s": med["plain"],
-                "speculative_tokens_per_s": med["speculative"], "speedup": med["speculative"] / med["plain"],
-                "prompts": len(prompts), "batch": 1, "temperature": 0.0}
+        return speculative_speed(model, tokenizer, prompts, self.cfg.max_new_tokens)
 
     # -- the recipe ---------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        c = self.cfg
+        r = self.recipe
         t0 = time.perf_counter()
-        teacher_model = ["--preset", c.model_preset, "--vocab-size", str(c.vocab_size), "--hidden-size",
-                         str(c.hidden_size)]
-
-        def tokenizer() -> dict[str, Any]:
-            from minir1.tasks import get_task
-            from minir1.train.pretrain import train_tokenizer
-            tok = train_tokenizer(get_task(c.task), c.vocab_size, c.seed, show_progress=False)
-            tok.save_pretrained(self.out / "tokenizer")
-            return {"vocab_size": tok.vocab_size}
-
-        def pretrain() -> dict[str, Any]:
-            self._cli("pretrain", "--task", c.task, "--tokenizer", str(self.out / "tokenizer"), *teacher_model,
-                      *self._train_flags("base", c.pretrain_steps, c.pretrain_lr))
-            return {"eval": self.evaluate("base")}
-
-        def sft() -> dict[str, Any]:
-            self._cli("sft", "--init", str(self.out / "base"), "--task", c.task,
-                      *self._train_flags("sft", c.sft_steps))
-            return {"eval": self.evaluate("sft")}
-
-        def rs_sft() -> dict[str, Any]:
-            return self._sft_on_samples("grpo", "rs_data.jsonl", "rs_sft", c.rs_sft_steps, c.rs_sft_lr)
-
-        def final() -> dict[str, Any]:
-            if (self.out / "final").exists():
-                shutil.rmtree(self.out / "final")
-            shutil.copytree(self.out / "rs_sft", self.out / "final",
-                            ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
-            return {"from": "rs_sft"}
-
-        student = _flags(c.student_overrides())
-
-        def student_pretrain() -> dict[str, Any]:
-            self._cli("pretrain", "--task", c.task, "--tokenizer", str(self.out / "tokenizer"), *teacher_model,
-                      *student, *self._train_flags("student_base", c.student_pretrain_steps, c.pretrain_lr))
-            return {}
-
-        def student_distill() -> dict[str, Any]:
-            return self._sft_on_samples("student_base", "distill_data.jsonl", "student_distill", c.distill_steps)
-
-        def student_sft() -> dict[str, Any]:
-            self._cli("sft", "--init", str(self.out / "student_base"), "--task", c.task,
-                      *self._train_flags("student_sft", c.sft_steps))
-            return {}
-
-        self.stage("tokenizer", tokenizer)
-        self.stage("base", pretrain)
-        self.stage("sft", sft)
-        self.stage("grpo", lambda: self._grpo("sft", "grpo"))
-        self.stage("rejection_sampling", lambda: self._sample("grpo", "rs_data.jsonl", c.rs_problems))
-        self.stage("rs_sft", rs_sft)
-        self.stage("final", final)
-        self.stage("distill_data", lambda: self._sample("final", "distill_data.jsonl", c.distill_problems))
-        self.stage("student_base", student_pretrain)
-        self.stage("student_distill", student_distill)
-        self.stage("student_sft", student_sft)
-        self.stage("student_grpo", lambda: self._grpo("student_sft", "student_grpo"))
+        self.stage("tokenizer", self.tokenizer)
+        self.stage("base", lambda: self.trained(pretrain, r.pretrain("base")))
+        self.stage("sft", lambda: self.trained(sft, r.cold_start("base", "sft")))
+        self.stage("grpo", lambda: self.trained(grpo, r.grpo("sft", "grpo")))
+        self.stage("rejection_sampling", lambda: self.sampled(r.rejection_sampling()))
+        self.stage("rs_sft", lambda: self.sft_on_samples(r.rs_sft()))
+        self.stage("final", self.final)
+        # Distillation's two halves are two resumable stages, with the student's pretraining between them.
+        self.stage("distill_data", lambda: self.sampled(r.distill().sample_config()))
+        self.stage("student_base", lambda: self.trained(pretrain, r.pretrain("student_base", student=True), False))
+        self.stage("student_distill", lambda: self.sft_on_samples(r.distill().sft_config()))
+        self.stage("student_sft", lambda: self.trained(sft, r.cold_start("student_base", "student_sft"), False))
+        self.stage("student_grpo", lambda: self.trained(grpo, r.grpo("student_sft", "student_grpo")))
         self.stage("speculative", lambda: self.speculative("final"))
         self.state["wall_seconds_this_run"] = time.perf_counter() - t0
         self._save()
@@ -305,6 +297,25 @@ class Speedrun:
         print(f"[speedrun] done: {self.out / 'report.md'}; chat with the result: "
               f"minir1 chat --ckpt {self.out / 'final'}")
         return report
+
+
+def speculative_speed(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> dict[str, Any]:
+    """MTP self-speculative decoding against plain greedy decoding on the prompts, batch 1 (medians)."""
+    from minir1.engine import Engine, SamplingParams
+    engine = Engine(model, tokenizer)
+    rows: dict[str, list[float]] = {"plain": [], "speculative": [], "acceptance": []}
+    for _ in range(2):  # the second round is the one that counts (warm caches and allocator)
+        rows = {"plain": [], "speculative": [], "acceptance": []}
+        for ids in prompts:
+            for spec in (False, True):
+                engine.generate([ids], SamplingParams(max_new_tokens=max_new_tokens, temperature=0, speculative=spec))
+                rows["speculative" if spec else "plain"].append(engine.last_stats["tokens_per_s"])
+                if spec:
+                    rows["acceptance"].append(engine.last_stats["acceptance_rate"])
+    med = {k: sorted(v)[len(v) // 2] for k, v in rows.items()}
+    return {"acceptance_rate": med["acceptance"], "plain_tokens_per_s": med["plain"],
+            "speculative_tokens_per_s": med["speculative"], "speedup": med["speculative"] / med["plain"],
+            "prompts": len(prompts), "batch": 1, "temperature": 0.0}
 
 
 def run_speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minir1 import ConfigError, ModelConfig, Transformer
-from minir1.hf import CheckpointError
+from minir1.errors import CheckpointError
 
 
 @pytest.fixture

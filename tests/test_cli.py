@@ -8,7 +8,7 @@ import sys
 
 from minir1 import ModelConfig, Transformer
 from minir1.cli import main
-from minir1.kernels import load as load_kernel
+from minir1.engine.native.build import load as load_kernel
 
 
 def test_info_preset(capsys):
@@ -85,8 +85,8 @@ def test_thinking_renderer_dims_thinking_and_drops_tags():
 
 
 def test_chat_session_history_reset_and_interrupt(chat_ckpt, monkeypatch):
-    from minir1.cli import load_for_inference
-    model, tok = load_for_inference(str(chat_ckpt), "cpu")
+    from minir1 import load
+    model, tok = load(chat_ckpt, device="cpu")
     engine = Engine(model, tok)
     prompts_seen = []
     real_stream = engine.stream

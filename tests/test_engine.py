@@ -11,7 +11,7 @@ from conftest import make_hf_model
 
 from minir1 import ModelConfig, Transformer
 from minir1.engine import Engine, SamplingParams, process_logits, sample
-from minir1.kernels import load as load_kernel
+from minir1.engine.native.build import load as load_kernel
 
 
 def native_available() -> bool:
@@ -124,7 +124,7 @@ def test_sampling_frequencies_match_the_intended_distribution(kwargs, native, mo
     if native and not native_available():
         pytest.skip("no C++ compiler: the native sampler is unavailable here")
     if not native:
-        monkeypatch.setattr("minir1.engine.native_sampling", lambda logits: False)
+        monkeypatch.setattr("minir1.engine.sampling.native_sampling", lambda logits: False)
     params = SamplingParams(**kwargs)
     probs = intended(**kwargs)
     n = 40_000

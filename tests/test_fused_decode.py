@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from minir1 import ModelConfig, Transformer
-from minir1.engine import Engine, SamplingParams, categorical, process_logits, token_logprobs
-from minir1.fused_decode import native_sample
-from minir1.kernels import load
-from minir1.model import MoE
+from minir1.engine import Engine, SamplingParams
+from minir1.engine.cache import new_cache
+from minir1.engine.native.build import load
+from minir1.engine.native.fused import FusedDecoder, native_sample
+from minir1.engine.sampling import categorical, process_logits, token_logprobs
+from minir1.models.deepseek_v3 import MoE
 
 pytestmark = pytest.mark.skipif(load("decode_step") is None, reason="no C++ compiler: no native kernels here")
 
@@ -44,31 +46,55 @@ def random_model(seed: int = 0, **overrides) -> Transformer:
     return model
 
 
+def forward(decoder, model, cache, ids, positions, logits_at=None):
+    """The model on the cache: through the native decoder, or the PyTorch path (the reference)."""
+    if decoder is not None:
+        return decoder.forward(cache.kv, ids, positions, logits_at)
+    cache.set_positions(positions)
+    return model(ids, positions=positions, cache=cache, return_dict=True, logits_at=logits_at)
+
+
+def mtp_draft(decoder, model, cache, hidden, next_ids, positions):
+    if decoder is not None:
+        return decoder.mtp(cache.kv, hidden, next_ids, positions)
+    cache.set_positions(positions)
+    return model.mtp_draft(hidden, next_ids, positions, cache)
+
+
 def run_both(model: Transformer, prompts: list[list[int]], new_tokens: list[int], new_pos: list[int]):
     """On each path: prefill `prompts`, one decode step, then (with an MTP module) a speculative
     verification of two tokens per row and the MTP draft over them. -> per path: (prefill logits, step
     logits, verification logits and hidden states, MTP logits, cache, router loads of the step)."""
     cfg = model.config
     spec = bool(cfg.num_nextn_predict_layers)
-    n_layers = cfg.num_hidden_layers + spec
     results = []
     for fused in (False, True):
-        engine = Engine(model, fused=fused)
+        decoder = FusedDecoder.for_model(model) if fused else None
+        if decoder is not None:
+            decoder.refresh()
+        cache = new_cache(model, len(prompts), 32, extra_layers=int(spec))
         with torch.inference_mode():
-            pre = engine._prefill(prompts, [1] * len(prompts), 32, n_layers)
-            out = engine._forward(pre.cache, torch.tensor(new_tokens)[:, None], torch.tensor(new_pos)[:, None])
+            if decoder is not None and not spec:  # the unpadded native prefill
+                pre_logits = decoder.prefill(cache.kv, prompts)
+            else:
+                T = max(len(p) for p in prompts)
+                ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
+                last = torch.tensor([len(p) - 1 for p in prompts])
+                pre_logits = forward(decoder, model, cache, ids, torch.arange(T).expand(len(prompts), T),
+                                     logits_at=last).logits[:, 0]
+            out = forward(decoder, model, cache, torch.tensor(new_tokens)[:, None], torch.tensor(new_pos)[:, None])
             loads = [b.mlp.last_load.clone() for b in model.layers if isinstance(b.mlp, MoE)]
             verify = mtp = None
             if spec:
                 pos = torch.tensor(new_pos)[:, None] + 1 + torch.arange(2)
                 ids = torch.tensor([[5, 6], [7, 8], [9, 10], [11, 12]])
-                verify = engine._forward(pre.cache, ids, pos)
-                mtp = engine._mtp(pre.cache, verify.hidden, ids.flip(1), pos)
-        kv = pre.cache.kv.clone()
+                verify = forward(decoder, model, cache, ids, pos)
+                mtp = mtp_draft(decoder, model, cache, verify.hidden, ids.flip(1), pos)
+        kv = cache.kv.clone()
         for row, p in enumerate(prompts):  # slots of right-padding hold garbage on the PyTorch path
             kv[:, row, len(p):new_pos[row]] = 0
             kv[:, row, new_pos[row] + 3:] = 0
-        results.append((pre.logits.clone(), out.logits[:, 0].clone(),
+        results.append((pre_logits.clone(), out.logits[:, 0].clone(),
                         None if verify is None else (verify.logits.clone(), verify.hidden.clone()),
                         None if mtp is None else mtp.clone(), kv, loads))
     return results

@@ -179,7 +179,7 @@ def test_grpo_steps_with_kl_mu_and_dynamic_sampling(policy, tiny_tokenizer, tmp_
 def test_rejection_sampling_keeps_only_verified_completions(tmp_path, tiny_tokenizer):
     """An untrained model verifies nothing; `minir1 sample` then writes an empty, valid file. (That its
     output trains with `minir1 sft --data` is shown end to end in test_training.py.)"""
-    from minir1.train.grpo import rejection_sample
+    from minir1.train.sample import rejection_sample
     task = get_task("arithmetic:digits=1,mul_digits=0")
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tiny_tokenizer.vocab_size))
     assert rejection_sample(model, tiny_tokenizer, task, n=4, samples=2, max_new_tokens=8) == []

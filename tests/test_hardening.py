@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minir1 import ConfigError, Engine, ModelConfig, SamplingParams, Transformer
-from minir1.engine import LatentCache
-from minir1.fused_decode import FusedDecoder
-from minir1.hf import CheckpointError
-from minir1.kernels import load
-from minir1.model import Router
+from minir1.engine.cache import LatentCache
+from minir1.engine.native.build import load
+from minir1.engine.native.fused import FusedDecoder
+from minir1.errors import CheckpointError
+from minir1.models.deepseek_v3 import Router
 from minir1.tasks import TaskError, get_task
 from minir1.train import TrainConfig, TrainingError, train
 from minir1.train.pretrain import PretrainStage
@@ -85,10 +85,15 @@ def test_nan_router_scores_give_the_same_experts_in_the_kernel_and_pytorch():
     pos = torch.full((6, 1), 3)
     loads = []
     for fused in (False, True):
-        engine = Engine(model, fused=fused)
         cache = LatentCache(3, 6, 16, 32, 8, torch.float32, torch.device("cpu"))
         with torch.inference_mode():
-            engine._forward(cache, ids, pos)
+            if fused:
+                decoder = FusedDecoder.for_model(model)
+                decoder.refresh()
+                decoder.forward(cache.kv, ids, pos)
+            else:
+                cache.set_positions(pos)
+                model(ids, positions=pos, cache=cache)
         loads.append(model.router_load().clone())
     assert torch.equal(loads[0], loads[1])
     assert (loads[1].sum(-1) == 6 * 2).all()  # exactly k = 2 experts per token
@@ -147,8 +152,8 @@ def test_the_kernel_under_address_and_undefined_behaviour_sanitizers(tmp_path):
     script = r'''
 import torch
 from minir1 import Engine, ModelConfig, SamplingParams, Transformer
-from minir1.engine import LatentCache
-from minir1.fused_decode import FusedDecoder, native_sample
+from minir1.engine.cache import LatentCache
+from minir1.engine.native.fused import FusedDecoder, native_sample
 for overrides in (dict(), dict(q_lora_rank=None, n_group=1, topk_group=1),
                   dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4, first_k_dense_replace=0)):
     torch.manual_seed(0)
@@ -280,19 +285,19 @@ def test_a_failed_run_leaves_an_existing_checkpoint_byte_identical(tiny_tokenize
 
 
 def test_the_final_save_is_atomic_on_a_crash_or_a_full_disk(tiny_tokenizer, tmp_path, monkeypatch):
-    import minir1.hf
+    import minir1.models.hf.weights
     out = tmp_path / "ckpt"
     task = get_task(TASK)
     cfg = TrainConfig(out=str(out), steps=1, batch_size=2, seq_len=32, progress=False)
     train(tiny_model(tiny_tokenizer), tiny_tokenizer, PretrainStage(task, tiny_tokenizer, 32, 2), cfg)
     before = digest(out)
-    real = minir1.hf.save_file
+    real = minir1.models.hf.weights.save_file
 
     def full_disk(tensors, path, metadata=None):
         real(dict(list(tensors.items())[:1]), path)  # part of the file, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(minir1.hf, "save_file", full_disk)
+    monkeypatch.setattr(minir1.models.hf.weights, "save_file", full_disk)
     from minir1.files import DiskFullError
     with pytest.raises(DiskFullError, match="the disk is full"):
         train(tiny_model(tiny_tokenizer), tiny_tokenizer, PretrainStage(task, tiny_tokenizer, 32, 2),
@@ -496,14 +501,14 @@ def test_kill_9_in_the_middle_of_the_final_save_loses_nothing(tiny_tokenizer, tm
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     script = f'''
 import os, signal, sys
-import minir1.hf
+import minir1.models.hf.weights
 from minir1.cli import main
 if sys.argv[1] == "kill":
-    real = minir1.hf.save_file
+    real = minir1.models.hf.weights.save_file
     def dying(tensors, path, metadata=None):
         real(dict(list(tensors.items())[:1]), path)  # part of the weights on disk, then kill -9
         os.kill(os.getpid(), signal.SIGKILL)
-    minir1.hf.save_file = dying
+    minir1.models.hf.weights.save_file = dying
 sys.exit(main(["pretrain", "--task", "{TASK}", "--tokenizer", "{tmp_path / 'tok'}", "--hidden-size", "64",
                "--num-attention-heads", "2", "--vocab-size", "400", "--steps", sys.argv[2], "--batch-size", "2",
                "--seq-len", "32", "--no-progress", "--out", "{out}"]))

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from conftest import HF_BASE
 
-import minir1.model as model_mod
+import minir1.models.deepseek_v3 as model_mod
 from minir1 import ConfigError, ModelConfig, ModelOutput, Transformer
-from minir1.model import MoE, Router
+from minir1.models.deepseek_v3 import MoE, Router
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from minir1 import Engine, ModelConfig, SamplingParams, Transformer
-from minir1.scheduler import DONE, Scheduler
+from minir1.serve.scheduler import DONE, Scheduler
 
 
 @pytest.fixture(scope="module")

@@ -88,10 +88,10 @@ def test_bad_settings_fail_before_the_first_stage(tmp_path, capsys):
 def test_chat_works_on_the_final_checkpoint(run_dir):
     import io
 
+    from minir1 import load
     from minir1.chat import run_chat
-    from minir1.cli import load_for_inference
     from minir1.engine import Engine, SamplingParams
-    model, tok = load_for_inference(str(run_dir / "final"), "cpu")
+    model, tok = load(run_dir / "final", device="cpu")
     lines = iter(["What is 3 + 4?", "/exit"])
     out = io.StringIO()
     assert run_chat(Engine(model, tok), SamplingParams(max_new_tokens=8, temperature=0), read=lambda _: next(lines),

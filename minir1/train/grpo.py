@@ -16,27 +16,24 @@ tokens / (G·P·max_new_tokens)) or `dapo` (sum over tokens / completion tokens 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from minir1 import files
 from minir1.engine import Completion, Engine, SamplingParams
-from minir1.model import Transformer
+from minir1.models.base import CausalLM
 from minir1.prompting import build_prompt
 from minir1.rewards import TimeBudget, accuracy_reward, format_reward, safe_reward, time_budget
 from minir1.tasks import Problem, Task
 from minir1.tokenizer import Tokenizer
 from minir1.train import distributed
-from minir1.train.loop import TrainingError
+from minir1.train.loop import TrainConfig, TrainingError, TrainResult, prepare, train
 
 log = logging.getLogger(__name__)
 LOSSES = ("grpo", "dr_grpo", "dapo")
@@ -167,7 +164,7 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
     return LossParts(loss, (kl * mask).sum() / tokens, (low * mask).sum() / tokens, (high * mask).sum() / tokens)
 
 
-def completion_logprobs(model: Transformer, ids: Tensor, prompt_lens: Tensor, comp_len: int,
+def completion_logprobs(model: CausalLM, ids: Tensor, prompt_lens: Tensor, comp_len: int,
                         temperature: float) -> tuple[Tensor, Tensor]:
     """Log-probabilities of the completion tokens under softmax(logits / temperature) — the same
     distribution as the engine's logprobs — and the per-token entropy. ids [N, L] hold each prompt then
@@ -211,7 +208,7 @@ class GRPOStage:
     name = "grpo"
 
     def __init__(self, task: Task, tokenizer: Tokenizer, cfg: GRPOConfig, micro_batch_size: int, seed: int = 0,
-                 reward_fns: dict[str, RewardFn] | None = None, ref_model: Transformer | None = None) -> None:
+                 reward_fns: dict[str, RewardFn] | None = None, ref_model: CausalLM | None = None) -> None:
         cfg.validate()
         self.task, self.tokenizer, self.cfg, self.seed = task, tokenizer, cfg, seed
         self.micro_batch_size = micro_batch_size
@@ -241,7 +238,7 @@ class GRPOStage:
         return combined / total, parts
 
     # -- one batch of rollouts -----------------------------------------------------------------------------
-    def rollout(self, model: Transformer, generation: int) -> Rollouts:
+    def rollout(self, model: CausalLM, generation: int) -> Rollouts:
         cfg, G = self.cfg, self.cfg.group_size
         engine = Engine(model, self.tokenizer)
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -317,9 +314,9 @@ class GRPOStage:
                    "reward_timeouts": budget.timeouts}
         return Rollouts(ids, prompt_lens, mask, advantages, metrics=metrics, batch_tokens=counted)
 
-    def _reference_logp(self, model: Transformer, ro: Rollouts, comp_len: int) -> tuple[Tensor | None, Tensor | None]:
+    def _reference_logp(self, model: CausalLM, ro: Rollouts, comp_len: int) -> tuple[Tensor | None, Tensor | None]:
         """Old-policy log-probs (when μ > 1) and reference log-probs (when β > 0), micro-batch by micro-batch."""
-        def logp_of(policy: Transformer) -> Tensor:
+        def logp_of(policy: CausalLM) -> Tensor:
             return torch.cat([completion_logprobs(policy, ro.ids[s].to(device), ro.prompt_lens[s].to(device),
                                                   comp_len, self.cfg.temperature)[0].cpu() for s in self._slices(ro)])
 
@@ -366,7 +363,7 @@ class GRPOStage:
         n = self._rollouts.ids.shape[0]  # dynamic sampling may leave fewer completions than micro-batches
         return self._rollouts, slices[local] if local < len(slices) else slice(n, n), n_micro
 
-    def bind(self, model: Transformer, snapshot: Callable[[], Transformer] | None = None) -> None:
+    def bind(self, model: CausalLM, snapshot: Callable[[], CausalLM] | None = None) -> None:
         """The policy being trained (the loop's model, wrapped under torchrun) and a callable giving a plain
         module with its current weights, to generate from."""
         d = distributed.info()
@@ -379,7 +376,7 @@ class GRPOStage:
         self._model = model
         self._snapshot = snapshot or (lambda: model)
 
-    def loss(self, model: Transformer, batch: tuple[Rollouts, slice, int]) -> tuple[Tensor, dict[str, float], int]:
+    def loss(self, model: CausalLM, batch: tuple[Rollouts, slice, int]) -> tuple[Tensor, dict[str, float], int]:
         ro, s, n_micro = batch
         device = next(model.parameters()).device
         if s.start >= ro.ids.shape[0]:
@@ -414,7 +411,7 @@ class GRPOStage:
         return {"task": getattr(self.task, "spec", self.task.name), **asdict(self.cfg)}
 
 
-def make_reference(model: Transformer) -> Transformer:
+def make_reference(model: CausalLM) -> CausalLM:
     ref = copy.deepcopy(model).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -422,38 +419,47 @@ def make_reference(model: Transformer) -> Transformer:
 
 
 # --------------------------------------------------------------------------------------------------
-# Rejection sampling (R1 §2.3.3)
+# The stage
 # --------------------------------------------------------------------------------------------------
 
-
-def rejection_sample(model: Transformer, tokenizer: Tokenizer, task: Task, n: int, samples: int, *,
-                     max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95,
-                     template: str = "chat", seed: int = 0) -> list[dict[str, Any]]:
-    """Sample `samples` responses to each of `n` training problems; keep those whose format is valid and
-    whose answer verifies, without duplicates, as SFT chat examples ({"messages": [...]})."""
-    problems = task.take(n, "train", seed)
-    prompts = [build_prompt(tokenizer, p.question, template) for p in problems]
-    outs = Engine(model, tokenizer).generate([ids for ids, _ in prompts], SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=samples, seed=seed))
-    kept, seen = [], set()
-    for c in outs:
-        p = problems[c.prompt_index]
-        response = prompts[c.prompt_index][1] + c.text
-        if format_reward(response) != 1.0 or accuracy_reward(response, p.answer, task) != 1.0:
-            continue
-        key = (c.prompt_index, response.strip())
-        if key in seen:
-            continue
-        seen.add(key)
-        kept.append({"messages": [{"role": "user", "content": p.question},
-                                  {"role": "assistant", "content": response.strip()}]})
-    return kept
+def _grpo_train() -> TrainConfig:
+    # steps: GRPO steps (each is `mu` optimizer steps); batch_size: 0 = prompts_per_step x group_size.
+    return TrainConfig(out="runs/grpo", steps=50, batch_size=0, lr=1e-4, warmup_steps=0, schedule="constant",
+                       weight_decay=0.0, route_bias_speed=0.0)
 
 
-def write_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """One JSON object a line, written atomically (nothing half-written or stray is left on failure)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; name a .jsonl file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+@dataclass
+class GRPOStageConfig:
+    init: str = field(metadata={"help": "checkpoint to start from (an SFT model, or a base model with "
+                                        "--template r1-zero)"})
+    task: str | None = field(default=None, metadata={"help": "arithmetic[:digits=N,operands=N], countdown, "
+                                                             "or jsonl:PATH"})
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    train: TrainConfig = field(default_factory=_grpo_train)
+
+
+def grpo(cfg: GRPOStageConfig) -> TrainResult:
+    """GRPO from `init` on the task's training problems, with rule-based rewards (R1-Zero style RL)."""
+    from minir1.checkpoint import load_model
+    from minir1.tasks import get_task
+    if not cfg.task:
+        raise ValueError("grpo needs --task")
+    g = cfg.grpo
+    g.validate()
+    completions = g.prompts_per_step * g.group_size
+    if cfg.train.batch_size not in (0, completions):
+        raise ValueError(f"GRPO's batch is prompts_per_step x group_size ({completions} completions); "
+                         f"drop --batch-size ({cfg.train.batch_size}) or change those two")
+    micro = min(cfg.train.micro_batch_size, completions) if cfg.train.micro_batch_size else 0  # 0: for the processes
+    steps = cfg.train.steps
+    tc = prepare(replace(cfg.train, batch_size=completions, micro_batch_size=micro))
+    tc.steps = steps * g.mu
+    if completions % (tc.micro_batch_size or completions):
+        raise ValueError(f"micro_batch_size ({tc.micro_batch_size}) must divide prompts_per_step x group_size "
+                         f"({completions})")
+    task = get_task(cfg.task)
+    tokenizer = Tokenizer.from_pretrained(cfg.init)
+    model = load_model(cfg.init)
+    ref = make_reference(model) if g.beta > 0 else None
+    stage = GRPOStage(task, tokenizer, g, tc.micro_batch_size or completions, tc.seed, ref_model=ref)
+    return train(model, tokenizer, stage, tc)

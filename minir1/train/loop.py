@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -27,25 +26,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from minir1 import files
+from minir1 import checkpoint, files
+from minir1.checkpoint import CHECKPOINTS, checkpoints, latest_checkpoint
 from minir1.devices import resolve_device
-from minir1.model import Transformer
+from minir1.errors import TrainingError
+from minir1.models.base import CausalLM
 from minir1.tokenizer import Tokenizer
 from minir1.train import distributed
 from minir1.train.distributed import DistInfo
 
-CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 TRAIN_CONFIG = "train_config.json"
-TRAINER_STATE = "trainer_state.json"
-OPTIMIZER_STATE = "optimizer.safetensors"
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss, a bad resume); the message says where."""
 
 
 @dataclass
@@ -129,7 +122,7 @@ class Stage(Protocol):
         """Micro-batch `micro` of `n_micro` for optimizer step `step`, deterministic in (seed, step)
         and the same rows however the step is split (StepRows)."""
 
-    def loss(self, model: Transformer, batch: Any) -> tuple[Tensor, dict[str, float], int]:
+    def loss(self, model: CausalLM, batch: Any) -> tuple[Tensor, dict[str, float], int]:
         """-> (loss to minimise, metrics, tokens processed)."""
 
     def config(self) -> dict[str, Any]:
@@ -182,149 +175,33 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _optimizer_tensors(opt_state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """A full optimizer state keyed by parameter name -> safetensors tensors + JSON metadata."""
-    tensors = {f"state.{name}.{k}": v.detach().cpu().contiguous() for name, st in opt_state["state"].items()
-               for k, v in st.items() if isinstance(v, Tensor)}
-    return tensors, {"param_groups": opt_state["param_groups"]}
-
-
-def _optimizer_from_tensors(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[str, dict[str, Tensor]] = {}
-    for key, t in tensors.items():
-        if key.startswith("state."):
-            name, k = key[len("state."):].rsplit(".", 1)
-            state.setdefault(name, {})[k] = t
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    version, internal, gauss = random.getstate()
-    return tensors, {"python_random": [version, list(internal), gauss]}
-
-
-def _set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
-    version, internal, gauss = meta["python_random"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 LIVE_METRICS = METRICS + ".partial"   # the running run's metrics; published as metrics.jsonl when it completes
 # Settings that may change between a run and its resumption (the rest must match).
 RESUMABLE = ("out", "steps", "resume", "overwrite", "save_every", "keep_last", "tensorboard", "progress", "device",
              "compile", "parallel", "micro_batch_size")
 
 
-def run_settings(model: Transformer, stage: Stage, cfg: TrainConfig) -> dict[str, Any]:
+def run_settings(model: CausalLM, stage: Stage, cfg: TrainConfig) -> dict[str, Any]:
     """What defines a run, as JSON: a checkpoint stores it, and --resume checks it."""
     settings = {"stage": stage.name, "model": model.config.to_dict(),
                 "train": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}, stage.name: stage.config()}
     return json.loads(json.dumps(settings, default=str))
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str)
-                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} in the checkpoint, {new!r} now"]
-
-
-def checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """The complete checkpoints in `<out>/checkpoints`, as (step, path), ordered by step number."""
-    found = []
-    for p in (Path(out) / CHECKPOINTS).glob("step-*"):
-        m = _STEP_DIR.match(p.name)
-        if m and (p / TRAINER_STATE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    done = checkpoints(out)
-    return done[-1][1] if done else None
-
-
 def save_checkpoint(out: Path, step: int, model: torch.nn.Module, tokenizer: Tokenizer,
                     opt: torch.optim.Optimizer, keep_last: int, d: DistInfo | None = None,
                     settings: dict[str, Any] | None = None) -> Path | None:
-    """Write `<out>/checkpoints/step-N` atomically (a temporary directory renamed into place), then
-    remove all but the last `keep_last` by step number. Full (unsharded) states: every process takes
-    part in gathering them, the first process writes. A full disk raises DiskFullError and leaves the
-    earlier checkpoints as they were."""
+    """A periodic checkpoint (minir1/checkpoint.py writes it): every process takes part in gathering the
+    full states, the first process writes."""
     d = d or DistInfo()
     state = distributed.full_model_state(model)
     opt_state = distributed.full_optimizer_state(model, opt)
-    if not d.is_main:  # the gathered states live on the first process only
-        distributed.barrier(d)
-        return None
-    opt_tensors, opt_meta = _optimizer_tensors(opt_state)
-    root = out / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with files.disk_full_means(f"could not write checkpoint {final}; the earlier checkpoints are intact"):
-            tmp.mkdir()
-            distributed.unwrap(model).save_pretrained(tmp, state=state)
-            tokenizer.save_pretrained(tmp)
-            rng_tensors, rng_meta = _rng_state()
-            save_file({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER_STATE)
-            (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, "world_size": d.world, "settings": settings,
-                                                         **opt_meta, **rng_meta}))
-            for f in tmp.iterdir():  # durable before it becomes visible
-                if f.is_file():
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():  # the same step again (a resumed run): set the old one aside, never delete it first
-        aside = root / f".step-{step:08d}.old"
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(final, aside)
-        os.replace(tmp, final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    files.fsync_dir(root)
-    for _, old in checkpoints(out)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    final = None
+    if d.is_main:  # the gathered states live on the first process only
+        final = checkpoint.write_training_state(out, step, distributed.unwrap(model), state, tokenizer, opt_state,
+                                                keep_last, d.world, settings)
     distributed.barrier(d)
     return final
-
-
-def resume_from(ckpt: Path, model: Transformer, settings: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    """Restore the (unwrapped) model's weights and the RNG states from a checkpoint directory; returns its
-    step and the full optimizer state, for after the model is wrapped and the optimizer built. With
-    `settings` (run_settings of the run resuming), a checkpoint made with other settings is refused."""
-    from minir1.hf import load_pretrained
-    meta = files.read_json(ckpt / TRAINER_STATE, TrainingError)
-    saved = meta.get("settings") if isinstance(meta, dict) else None
-    if settings is not None and saved is not None:
-        diffs = _differences(saved, settings)
-        if diffs:
-            more = f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
-            raise TrainingError(f"--resume: {ckpt} was made with other settings than this run's: "
-                                f"{'; '.join(diffs[:8])}{more}. Run with the checkpoint's settings, or start afresh "
-                                "with --overwrite")
-    loaded = load_pretrained(ckpt, device=next(model.parameters()).device)
-    with torch.no_grad():
-        for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
-            if p.shape != q.shape:
-                raise TrainingError(f"{ckpt}: tensor {name} has shape {list(q.shape)}, the model {list(p.shape)}")
-            p.copy_(q)
-    tensors = load_file(ckpt / OPTIMIZER_STATE)
-    _set_rng_state(tensors, meta)
-    return int(meta["step"]), _optimizer_from_tensors(tensors, meta)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,7 +216,7 @@ class TrainResult:
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def build_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: CausalLM, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only (not norms, biases or routing biases)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -411,6 +288,13 @@ def _first_non_finite(model: torch.nn.Module, d: DistInfo) -> str | None:
     return bad
 
 
+def prepare(cfg: TrainConfig) -> TrainConfig:
+    """A stage's TrainConfig, ready to run: the micro-batch resolved for the processes, every field checked."""
+    cfg = resolve_micro_batch(cfg)
+    cfg.validate()
+    return cfg
+
+
 def resolve_micro_batch(cfg: TrainConfig, world: int | None = None) -> TrainConfig:
     """With no --micro-batch-size, split each step evenly over the processes of a torchrun launch (one
     micro-batch each): the same global batch, and the same data, as one process."""
@@ -423,7 +307,7 @@ def resolve_micro_batch(cfg: TrainConfig, world: int | None = None) -> TrainConf
     return cfg
 
 
-def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConfig) -> TrainResult:
+def train(model: CausalLM, tokenizer: Tokenizer, stage: Stage, cfg: TrainConfig) -> TrainResult:
     """Run `cfg.steps` optimizer steps of `stage` on `model`; the final checkpoint goes to `cfg.out`.
 
     Under torchrun each process runs its share of every step's micro-batches (see distributed.py);
@@ -460,7 +344,7 @@ def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConf
     start, opt_state = 0, None
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
-        start, opt_state = resume_from(ckpt, model, settings)
+        start, opt_state = checkpoint.read_training_state(ckpt, model, settings)
     snapshot = None
     if hasattr(stage, "bind"):  # stages that generate (GRPO) need a full copy of the policy to sample from
         snapshot = _policy_snapshot(model, cfg, d)
@@ -497,22 +381,16 @@ def train(model: Transformer, tokenizer: Tokenizer, stage: Stage, cfg: TrainConf
     return TrainResult(out, cfg.steps, last)
 
 
-def _publish(out: Path, model: Transformer, state: dict[str, Tensor], tokenizer: Tokenizer, live: Path,
+def _publish(out: Path, model: CausalLM, state: dict[str, Tensor], tokenizer: Tokenizer, live: Path,
              train_config: dict[str, Any]) -> None:
     """The run's final files, all together or none: weights, tokenizer, train_config.json, metrics.jsonl."""
-    from minir1.hf import WEIGHT_FILE_PATTERNS
-    from minir1.tokenizer import CHAT_TEMPLATE_FILE
-    # A chat_template.jinja left from another tokenizer would override the new one's template on load.
-    with files.replacing(out, stale=(*WEIGHT_FILE_PATTERNS, CHAT_TEMPLATE_FILE)) as staging:
-        model.save_pretrained(staging, state=state)
-        tokenizer.save_pretrained(staging)
-        (staging / TRAIN_CONFIG).write_text(json.dumps(train_config, indent=2, default=str) + "\n")
-        if live.is_file():
-            shutil.copyfile(live, staging / METRICS)
+    checkpoint.save(out, model, tokenizer, state=state,
+                    texts={TRAIN_CONFIG: json.dumps(train_config, indent=2, default=str) + "\n"},
+                    copies={METRICS: live})
     live.unlink(missing_ok=True)
 
 
-def _steps(model: Transformer, wrapped: torch.nn.Module, tokenizer: Tokenizer, stage: Stage, cfg: TrainConfig,
+def _steps(model: CausalLM, wrapped: torch.nn.Module, tokenizer: Tokenizer, stage: Stage, cfg: TrainConfig,
            d: DistInfo, device: torch.device, opt: torch.optim.Optimizer, mine: list[int], n_micro: int, start: int,
            out: Path, live: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """The optimizer steps from `start` to cfg.steps, with logging and periodic checkpoints."""
@@ -605,7 +483,7 @@ def _steps(model: Transformer, wrapped: torch.nn.Module, tokenizer: Tokenizer, s
     return last
 
 
-def _policy_snapshot(model: Transformer, cfg: TrainConfig, d: DistInfo):
+def _policy_snapshot(model: CausalLM, cfg: TrainConfig, d: DistInfo):
     """A callable giving a plain module with the policy's current weights, for generation: the model
     itself unless FSDP shards it; then a replica refreshed from the gathered state (a collective: every
     process calls it at the same point)."""
@@ -614,7 +492,7 @@ def _policy_snapshot(model: Transformer, cfg: TrainConfig, d: DistInfo):
     import copy
     replica = copy.deepcopy(model)
 
-    def refresh() -> Transformer:
+    def refresh() -> CausalLM:
         replica.load_state_dict(distributed.full_model_state(model, everywhere=True))
         return replica
     return refresh

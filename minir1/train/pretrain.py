@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minir1.model import Transformer
+from minir1.models.base import CausalLM
+from minir1.models.deepseek_v3 import ModelConfig, Transformer
 from minir1.prompting import r1_response
 from minir1.tasks import Problem, Task, is_heldout
 from minir1.tokenizer import Tokenizer
-from minir1.train.loop import StepRows
+from minir1.train.loop import StepRows, TrainConfig, TrainResult, latest_checkpoint, prepare, train
 
 
 def document(p: Problem) -> str:
@@ -70,11 +72,11 @@ class PretrainStage:
                 ([eos] if eos is not None else [])
         return torch.tensor(ids[:need]).view(rows, self.seq_len + 1)
 
-    def loss(self, model: Transformer, batch: Tensor) -> tuple[Tensor, dict[str, float], int]:
+    def loss(self, model: CausalLM, batch: Tensor) -> tuple[Tensor, dict[str, float], int]:
         device = next(model.parameters()).device
         batch = batch.to(device)
         x, targets = batch[:, :-1], batch[:, 1:]
-        use_mtp = self.mtp_weight > 0 and len(model.mtp) > 0
+        use_mtp = self.mtp_weight > 0 and model.num_mtp_modules > 0
         out = model(x, mtp=use_mtp, return_dict=True)
         V = out.logits.shape[-1]
         ce = F.cross_entropy(out.logits.float().reshape(-1, V), targets.reshape(-1))
@@ -93,3 +95,45 @@ class PretrainStage:
     def config(self) -> dict[str, Any]:
         return {"task": getattr(self.task, "spec", self.task.name), "mtp_weight": self.mtp_weight,
                 "seq_len": self.seq_len}
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class PretrainConfig:
+    task: str | None = field(default=None, metadata={"help": "arithmetic[:digits=N,operands=N], countdown, "
+                                                             "or jsonl:PATH"})
+    preset: str = field(default="tiny", metadata={"help": "model preset to start from (default: tiny)"})
+    model: dict[str, Any] = field(default_factory=dict, metadata={"fields_of": ModelConfig})  # preset overrides
+    tokenizer: str | None = field(default=None, metadata={"help": "a tokenizer directory (default: train one "
+                                                                  "on the task)"})
+    mtp_weight: float = field(default=0.3, metadata={"help": "λ, the weight of the MTP loss"})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/pretrain"))
+
+
+def pretrain(cfg: PretrainConfig) -> TrainResult:
+    """Pretrain a new DeepSeek-V3 model (MLA, MoE, MTP) on the task's documents; its tokenizer is trained on
+    the task unless one is given (a resumed run continues with its checkpoint's)."""
+    from minir1.tasks import get_task
+    if not cfg.task:
+        raise ValueError("pretrain needs --task (arithmetic, countdown or jsonl:PATH)")
+    task = get_task(cfg.task)
+    tc = prepare(cfg.train)
+    model_cfg = ModelConfig.from_preset(cfg.preset, **{k: v for k, v in cfg.model.items() if k != "model_type"})
+    if cfg.tokenizer:
+        tokenizer = Tokenizer.from_pretrained(cfg.tokenizer)
+    else:
+        # Nothing is written to `out` before the run completes (the loop publishes the tokenizer with the weights).
+        ckpt = latest_checkpoint(Path(tc.out)) if tc.resume else None
+        tokenizer = (Tokenizer.from_pretrained(ckpt) if ckpt is not None
+                     else train_tokenizer(task, model_cfg.vocab_size, tc.seed, show_progress=tc.progress))
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but vocab_size is {model_cfg.vocab_size}")
+    model_cfg = model_cfg.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                                  pad_token_id=tokenizer.pad_id)
+    torch.manual_seed(tc.seed)
+    model = Transformer(model_cfg)
+    stage = PretrainStage(task, tokenizer, tc.seq_len, tc.micro_batch_size or tc.batch_size, tc.seed, cfg.mtp_weight)
+    return train(model, tokenizer, stage, tc)

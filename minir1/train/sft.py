@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minir1.model import Transformer
+from minir1.models.base import CausalLM
 from minir1.prompting import r1_response
+from minir1.reasoning import opened_reasoning
 from minir1.tasks import Task, TaskError, is_heldout
 from minir1.tasks.base import read_jsonl
-from minir1.tokenizer import THINK, Tokenizer
-from minir1.train.loop import StepRows
+from minir1.tokenizer import Tokenizer
+from minir1.train.loop import StepRows, TrainConfig, TrainResult, prepare, train
 
 IGNORE = -100
 
@@ -53,11 +54,9 @@ def encode_conversation(tokenizer: Tokenizer, messages: list[dict[str, str]]) ->
             continue
         prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
         content = m["content"]
-        opened = tokenizer.decode(prompt[-3:])
-        for prefix in (THINK + "\n", THINK):
-            if opened.endswith(prefix) and content.startswith(prefix):
-                content = content[len(prefix):]
-                break
+        opened = opened_reasoning(tokenizer, prompt)
+        if opened and content.startswith(opened):
+            content = content[len(opened):]
         completion = tokenizer.encode(content) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
         pairs.append((prompt, completion))
     return pairs
@@ -131,7 +130,7 @@ class SFTStage:
             docs[row, used:] = doc
         return {"ids": ids, "labels": labels, "positions": positions, "doc_ids": docs}
 
-    def loss(self, model: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float], int]:
+    def loss(self, model: CausalLM, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float], int]:
         device = next(model.parameters()).device
         b = {k: v.to(device) for k, v in batch.items()}
         logits = model(b["ids"], positions=b["positions"], doc_ids=b["doc_ids"])
@@ -142,3 +141,40 @@ class SFTStage:
 
     def config(self) -> dict[str, Any]:
         return {"data": self.data_source, "seq_len": self.seq_len, "examples": len(self._pairs) or None}
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+
+def _sft_train() -> TrainConfig:
+    return TrainConfig(out="runs/sft", lr=1e-3, warmup_steps=10)
+
+
+@dataclass
+class SFTConfig:
+    init: str = field(metadata={"help": "checkpoint to start from"})
+    task: str | None = field(default=None, metadata={"help": "cold-start examples from a task's worked "
+                                                             "solutions: arithmetic, countdown or jsonl:PATH"})
+    data: str | None = field(default=None, metadata={"help": "or chat data: a .jsonl file of "
+                                                             "{\"messages\": [...]} lines"})
+    train: TrainConfig = field(default_factory=_sft_train)
+
+
+def sft(cfg: SFTConfig) -> TrainResult:
+    """Fine-tune `init` on a task's worked solutions (R1's cold start) or on a chat file (e.g. verified
+    samples from rejection sampling or a teacher)."""
+    from minir1.checkpoint import load_model
+    from minir1.tasks import get_task
+    if bool(cfg.task) == bool(cfg.data):
+        raise ValueError("sft needs exactly one of --task NAME or --data FILE.jsonl")
+    tc = prepare(cfg.train)
+    tokenizer = Tokenizer.from_pretrained(cfg.init)
+    model = load_model(cfg.init)
+    mb = tc.micro_batch_size or tc.batch_size
+    if cfg.task:
+        stage = SFTStage(tokenizer, tc.seq_len, mb, task=get_task(cfg.task), seed=tc.seed, data_source=cfg.task)
+    else:
+        stage = SFTStage(tokenizer, tc.seq_len, mb, conversations=load_chat_file(cfg.data), seed=tc.seed,
+                         data_source=str(cfg.data))
+    return train(model, tokenizer, stage, tc)

@@ -57,7 +57,7 @@ def _torch_lib() -> Path:
 
 
 def build(name: str) -> Path:
-    """Compile minir1/kernels/<name>.cpp (if not cached) and return the shared library's path.
+    """Compile minir1/engine/native/<name>.cpp (if not cached) and return the shared library's path.
     Raises RuntimeError with the compiler's output on failure."""
     source = Path(__file__).parent / f"{name}.cpp"
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")

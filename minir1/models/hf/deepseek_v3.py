@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint layout: config.json, parameter names, safetensors read/write.
+"""DeepSeek-V3's Hugging Face adapter: config.json <-> ModelConfig, and our parameter names <-> theirs.
 
 A checkpoint directory written here loads in `transformers.DeepseekV3ForCausalLM` and vice versa.
 The in-memory model fuses some weights for speed (gate+up projections, stacked routed experts); this
@@ -15,37 +15,28 @@ file is the one place that maps them to and from the names DeepSeek's releases u
   mtp.{k}.norm                           model.layers.{L+k}.shared_head.norm
   (shared with the main model)           model.layers.{L+k}.embed_tokens / shared_head.head
 
-Only safetensors are read or written: loading an untrusted checkpoint executes nothing.
+The safetensors files themselves are read and written by weights.py, the same for every family.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from minir1 import files
-from minir1.model import YARN_KEYS, ConfigError, ModelConfig, Transformer
+from minir1.errors import ConfigError
+from minir1.models.deepseek_v3 import YARN_KEYS, ModelConfig, Transformer
+from minir1.models.hf import weights
+from minir1.models.hf.weights import CONFIG_FILE
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-WEIGHT_FILE_PATTERNS = (WEIGHTS_FILE, INDEX_FILE, "model-*-of-*.safetensors")  # a save replaces all of these
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, malformed, or does not match its config; the message names it."""
-
+MODEL = Transformer
 
 # --------------------------------------------------------------------------------------------------
 # config.json
@@ -225,118 +216,16 @@ def from_hf(tensors: dict[str, Tensor], model: Transformer) -> dict[str, Tensor]
 
 
 # --------------------------------------------------------------------------------------------------
-# Save
+# Save and load
 # --------------------------------------------------------------------------------------------------
-
-
-def _shards(tensors: dict[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += n
-    return shards
-
 
 def save_pretrained(model: Transformer, path: str | Path, *, max_shard_bytes: int = 5 * 2**30,
                     state: dict[str, Tensor] | None = None) -> None:
     """Write config.json and model.safetensors (or shards + index) in Hugging Face's layout. `state`: a
     full state dict to write instead of the model's own (gathered from a sharded model)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach() for k, v in (model.state_dict() if state is None else state).items()}
     dtype = state["embed_tokens.weight"].dtype
-    tensors = to_hf(state, model.config)
-    # safetensors refuses tensors that share memory (fused weights, tied heads): copy all but the first.
-    seen: set[int] = set()
-    for name, t in tensors.items():
-        t = t.to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        tensors[name] = t.clone() if ptr in seen else t
-        seen.add(ptr)
-    shards = _shards(tensors, max_shard_bytes)
-    # Everything is written to a staging folder first, then renamed into place: a kill or a full disk
-    # while writing leaves the previous checkpoint as it was (minir1/files.py).
-    for name, t in tensors.items():  # a diverged model is never written over a good one
-        check_finite(name, t, f"{path}: refusing to save")
-    with files.replacing(path, stale=WEIGHT_FILE_PATTERNS) as staging:
-        write_weights(staging, shards, config_to_hf(model.config, dtype))
-
-
-def check_finite(name: str, t: Tensor, where: str, hint: str = "") -> None:
-    """Raise CheckpointError if a floating tensor holds a NaN or an infinity, naming it."""
-    if not t.is_floating_point():
-        return
-    bad = int((~torch.isfinite(t)).sum())
-    if bad:
-        raise CheckpointError(f"{where}: tensor '{name}' has {bad} non-finite value(s) (NaN or infinity){hint}")
-
-
-def write_weights(directory: Path, shards: list[dict[str, Tensor]], config: dict[str, Any]) -> None:
-    if len(shards) == 1:
-        save_file(shards[0], directory / WEIGHTS_FILE, metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, directory / fname, metadata={"format": "pt"})
-            weight_map.update({name: fname for name in shard})
-        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-
-
-# --------------------------------------------------------------------------------------------------
-# Load
-# --------------------------------------------------------------------------------------------------
-
-
-def weight_files(path: Path) -> dict[str, Path]:
-    """Map each tensor name to the safetensors file that holds it."""
-    index = path / INDEX_FILE
-    if index.is_file():
-        data = files.read_json(index, CheckpointError)
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{index}: not a valid safetensors index (expected a 'weight_map' object of "
-                                  "tensor name -> file name)")
-        by_name = {name: path / fname for name, fname in weight_map.items()}
-        for f in set(by_name.values()):
-            if f.parent != path or not f.is_file():
-                raise CheckpointError(f"{index}: names shard {f.name}, which does not exist in {path}")
-        return by_name
-    single = path / WEIGHTS_FILE
-    if not single.is_file():
-        found = sorted(p.name for p in path.iterdir())
-        hint = " (pickled .bin/.pt weights are never loaded: convert them to safetensors)" if any(
-            n.endswith((".bin", ".pt", ".pth")) for n in found) else ""
-        raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE}{hint}")
-    try:
-        with safe_open(single, "pt") as f:
-            return {name: single for name in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{single}: cannot read safetensors header ({e})") from e
-
-
-def _iter_shapes(files: dict[str, Path]) -> Iterator[tuple[str, list[int], Path]]:
-    by_file: dict[Path, list[str]] = {}
-    for name, f in files.items():
-        by_file.setdefault(f, []).append(name)
-    for f, names in by_file.items():
-        try:
-            with safe_open(f, "pt") as h:
-                present = set(h.keys())
-                for name in names:
-                    if name not in present:
-                        raise CheckpointError(f"{f}: index says it holds tensor '{name}', but it does not")
-                    yield name, list(h.get_slice(name).get_shape()), f
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from e
+    weights.save(path, to_hf(state, model.config), config_to_hf(model.config, dtype), max_shard_bytes)
 
 
 def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None,
@@ -346,9 +235,9 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None,
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config = read_config(path / CONFIG_FILE)
-    files = weight_files(path)
+    by_name = weights.weight_files(path)
     L = config.num_hidden_layers
-    if config.num_nextn_predict_layers and not any(n.startswith(f"model.layers.{L}.") for n in files):
+    if config.num_nextn_predict_layers and not any(n.startswith(f"model.layers.{L}.") for n in by_name):
         # transformers writes num_nextn_predict_layers but never MTP weights: load without MTP.
         log.info("%s: config.json names %d MTP module(s) but the weights hold none; loading without MTP",
                  path, config.num_nextn_predict_layers)
@@ -357,34 +246,8 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None,
         model = Transformer(config)
     expected = {k: list(v.shape) for k, v in to_hf(model.state_dict(), config).items()}
     optional = _optional_hf_names(config)
-    shapes = {}
-    for name, shape, f in _iter_shapes(files):
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        if name not in expected:
-            raise CheckpointError(f"{f}: unexpected tensor '{name}' (not part of a DeepseekV3 model with this "
-                                  f"{CONFIG_FILE})")
-        if shape != expected[name]:
-            raise CheckpointError(f"{f}: tensor '{name}' has shape {shape}, but {CONFIG_FILE} implies "
-                                  f"{expected[name]}")
-        shapes[name] = f
-    missing = [n for n in expected if n not in shapes and n not in optional]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        first = sorted({files.get(n, next(iter(files.values()))) for n in shapes} or {path})[0]
-        raise CheckpointError(f"{first}: missing tensor(s) {', '.join(repr(m) for m in missing[:5])}{more}")
-    tensors: dict[str, Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for name, f in shapes.items():
-        if name not in optional:
-            by_file.setdefault(f, []).append(name)
-    for f, names in by_file.items():
-        with safe_open(f, "pt") as h:
-            for name in names:
-                tensors[name] = h.get_tensor(name)
-                check_finite(name, tensors[name], str(f), ": the run that wrote it diverged; use an earlier "
-                                                          "checkpoint")
-    state = from_hf(tensors, model)
+    found = weights.check_names(path, by_name, expected, optional, "DeepseekV3")
+    state = from_hf(weights.read_tensors(found, skip=optional), model)
     model = model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

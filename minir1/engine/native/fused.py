@@ -1,4 +1,4 @@
-"""The engine's forward on the latent cache in one native call (minir1/kernels/decode_step.cpp) for the
+"""The engine's forward on the latent cache in one native call (minir1/engine/native/decode_step.cpp) for the
 whole batch, in place of ~150 PyTorch ops per token: decode steps, prefills, and speculative decoding's
 verification and MTP drafts.
 
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from minir1 import kernels
-from minir1.model import MLP, Block, ModelOutput, MoE, Transformer
+from minir1.engine.native import build as kernels
+from minir1.models.deepseek_v3 import MLP, Block, ModelOutput, MoE, Transformer
 
 _P = ctypes.c_void_p
 
@@ -65,32 +65,19 @@ def _unsupported(model: Transformer) -> str | None:
     return None
 
 
-class FusedDecoder:
-    """The engine's forward on a LatentCache through the native kernel: decode steps, prefills, the
-    main model's verification of speculative drafts, and the MTP module that drafts them."""
+class PackedWeights:
+    """The model's weights in the kernel's layout (see the module docstring), with the pointers the kernel
+    reads; `stale()` says whether a weight changed since the last `pack()`."""
 
-    def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
-        self.model, self.lib = model, lib
-        self._fn = lib.minir1_decode_step
-        self._fn.restype = ctypes.c_int
-        self._fn.argtypes = [_P, _P, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P,
-                             ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int]
-        self._moe = [m for m in (layer.mlp for layer in model.layers) if isinstance(m, MoE)]
-        self._signature: Any = None
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self.signature: Any = None
         self._keep: list[Tensor] = []
         self._buffers: dict[str, Tensor] = {}
-        # OpenMP threads per call (None: torch.get_num_threads()). A server sets fewer, leaving a core to
-        # its HTTP event loop: a parallel region whose worker thread waits for a busy core stalls the step.
-        self.threads: int | None = None
 
-    @classmethod
-    def for_model(cls, model: Transformer) -> FusedDecoder | None:
-        if _unsupported(model) is not None:
-            return None
-        lib = kernels.load("decode_step")
-        return None if lib is None else cls(model, lib)
+    def stale(self) -> bool:
+        return self._current_signature() != self.signature
 
-    # -- packing ----------------------------------------------------------------------------------------
     def _current_signature(self) -> tuple:
         biases = (m.gate.e_score_correction_bias for m in self.model.moe_layers())
         return tuple((t.data_ptr(), t._version) for t in (*self.model.parameters(), self.model.rotary.inv_freq,
@@ -144,33 +131,57 @@ class FusedDecoder:
             ly.experts_down = self._packed(f"{key}.experts_down", mlp.experts.down_proj)
 
     @torch.no_grad()
-    def _pack(self) -> None:
+    def pack(self) -> None:
         model, cfg = self.model, self.model.config
         self._keep = []
-        self._layers = (_Layer * max(1, cfg.num_hidden_layers))()
+        self.layers = (_Layer * max(1, cfg.num_hidden_layers))()
         for i, block in enumerate(model.layers):
-            self._pack_block(str(i), block, self._layers[i])
-        self._mtp_layers, self._mtp_norm = (_Layer * 1)(), None
+            self._pack_block(str(i), block, self.layers[i])
+        self.mtp_layers, self.mtp_norm = (_Layer * 1)(), None
         if len(model.mtp):
-            self._pack_block("mtp", model.mtp[0].block, self._mtp_layers[0])
-            self._mtp_norm = self._ptr(model.mtp[0].norm.weight)
+            self._pack_block("mtp", model.mtp[0].block, self.mtp_layers[0])
+            self.mtp_norm = self._ptr(model.mtp[0].norm.weight)
         attn0 = (model.mtp[0].block if len(model.mtp) else model.layers[0]).self_attn
         rot = model.rotary
-        self._dims = _Dims(cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+        self.dims = _Dims(cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                            cfg.q_lora_rank or 0, cfg.vocab_size, cfg.n_routed_experts, cfg.num_experts_per_tok,
                            cfg.n_group, cfg.topk_group, int(cfg.norm_topk_prob), model.norm.eps,
                            attn0.q_a_layernorm.eps if cfg.q_lora_rank else 1e-6, attn0.kv_a_layernorm.eps,
                            cfg.routed_scaling_factor, rot.attention_factor, self._ptr(rot.inv_freq.float()))
-        self._embed = self._ptr(model.embed_tokens.weight)
-        self._final_norm = self._ptr(model.norm.weight)
-        self._lm_head = self._packed("lm_head", model.lm_head.weight)
-        self._signature = self._current_signature()
+        self.embed = self._ptr(model.embed_tokens.weight)
+        self.final_norm = self._ptr(model.norm.weight)
+        self.lm_head = self._packed("lm_head", model.lm_head.weight)
+        self.signature = self._current_signature()
+
+
+class FusedDecoder:
+    """The engine's forward on a LatentCache through the native kernel: decode steps, prefills, the
+    main model's verification of speculative drafts, and the MTP module that drafts them."""
+
+    def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
+        self.model, self.lib = model, lib
+        self._fn = lib.minir1_decode_step
+        self._fn.restype = ctypes.c_int
+        self._fn.argtypes = [_P, _P, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P,
+                             ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int]
+        self._moe = [m for m in (layer.mlp for layer in model.layers) if isinstance(m, MoE)]
+        self.weights = PackedWeights(model)
+        # OpenMP threads per call (None: torch.get_num_threads()). A server sets fewer, leaving a core to
+        # its HTTP event loop: a parallel region whose worker thread waits for a busy core stalls the step.
+        self.threads: int | None = None
+
+    @classmethod
+    def for_model(cls, model: Transformer) -> FusedDecoder | None:
+        if _unsupported(model) is not None:
+            return None
+        lib = kernels.load("decode_step")
+        return None if lib is None else cls(model, lib)
 
     def refresh(self) -> None:
         """Repack if any weight changed since the last packing. The engine calls this at each prefill
         (a check costs ~0.1 ms, as much as a tenth of a decode step, so not at every step)."""
-        if self._current_signature() != self._signature:
-            self._pack()
+        if self.weights.stale():
+            self.weights.pack()
 
     # -- forwards ---------------------------------------------------------------------------------------
     def forward(self, kv: Tensor, ids: Tensor, positions: Tensor, logits_at: Tensor | None = None) -> ModelOutput:
@@ -215,8 +226,9 @@ class FusedDecoder:
 
     def _run(self, kv: Tensor, tokens: Tensor, positions: Tensor, rows: Tensor | None, logit_index: Tensor | None,
              x_in: Tensor | None = None, mtp: bool = False, want_hidden: bool = False) -> tuple[Tensor, Tensor | None]:
-        if self._signature is None:
-            self._pack()
+        w = self.weights
+        if w.signature is None:
+            w.pack()
         cfg = self.model.config
         tokens, positions = tokens.to(torch.long).contiguous(), positions.to(torch.long).contiguous()
         rows = None if rows is None else rows.to(torch.long).contiguous()
@@ -229,13 +241,13 @@ class FusedDecoder:
         logits = torch.empty(n_logits, -(-cfg.vocab_size // 16) * 16)
         hidden = torch.empty(N, cfg.hidden_size) if want_hidden else None
         loads = None if mtp else torch.zeros(len(self._moe), cfg.n_routed_experts, dtype=torch.int32)
-        layers, n_layers = (self._mtp_layers, 1) if mtp else (self._layers, cfg.num_hidden_layers)
+        layers, n_layers = (w.mtp_layers, 1) if mtp else (w.layers, cfg.num_hidden_layers)
 
         def ptr(t: Tensor | None) -> int | None:
             return None if t is None else t.data_ptr()
 
-        self._fn(ctypes.byref(self._dims), layers, n_layers, cfg.num_hidden_layers if mtp else 0, self._embed,
-                 ptr(x_in), self._mtp_norm if mtp else self._final_norm, self._lm_head, N, tokens.data_ptr(),
+        self._fn(ctypes.byref(w.dims), layers, n_layers, cfg.num_hidden_layers if mtp else 0, w.embed,
+                 ptr(x_in), w.mtp_norm if mtp else w.final_norm, w.lm_head, N, tokens.data_ptr(),
                  positions.data_ptr(), ptr(rows), kv.data_ptr(), kv.shape[1], kv.shape[2], ptr(logit_index),
                  n_logits, logits.data_ptr(), ptr(hidden), ptr(loads), self.threads or torch.get_num_threads())
         if loads is not None:

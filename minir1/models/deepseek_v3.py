@@ -10,7 +10,8 @@ What is here, in reading order:
   MoE                shared + fine-grained routed experts, vectorised dispatch
   Block              pre-norm attention + feed-forward
   MTPModule          one multi-token-prediction depth (DeepSeek-V3 §2.2)
-  Transformer        embedding, blocks, norm, head, MTP modules; checkpoint I/O in minir1/hf.py
+  Transformer        embedding, blocks, norm, head, MTP modules (minir1/models/base.py's CausalLM);
+                     checkpoint I/O in minir1/models/hf/deepseek_v3.py, which imports this file
 
 Shape legend: B batch, T tokens (query), S tokens (key), D hidden_size, H heads, E routed experts,
 K experts per token, N = B*T flattened tokens, V vocabulary, C kv_lora_rank, R qk_rope_head_dim.
@@ -20,22 +21,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minir1.errors import ConfigError
+from minir1.models.base import CausalLM, ModelOutput
+
 # --------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------
 
 YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
-
-
-class ConfigError(ValueError):
-    """A configuration value breaks a rule; the message names the field (and the file, if any)."""
 
 
 @dataclass
@@ -669,17 +668,7 @@ class MTPModule(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ModelOutput:
-    logits: Tensor                                     # [B, T, V]
-    hidden: Tensor | None                              # [B, T, D], last block's output (before the final norm);
-                                                       # None from the engine's fused decode step
-    mtp_logits: list[Tensor] = field(default_factory=list)  # depth k: [B, T-k, V], position i predicts t_{i+k+1}
-    aux_loss: Tensor | None = None                     # sequence-wise balance loss summed over MoE layers
-    router_load: Tensor | None = None                  # [MoE layers, E] tokens per expert in this forward
-
-
-class Transformer(nn.Module):
+class Transformer(CausalLM):
     """DeepSeek-V3: embedding, `num_hidden_layers` blocks, final norm, output head, and
     `num_nextn_predict_layers` MTP modules sharing the embedding and head.
 
@@ -722,17 +711,6 @@ class Transformer(nn.Module):
         for m in self.moe_layers():
             m.last_load.zero_()
             m.load_since_update.zero_()
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu") -> Transformer:
-        from minir1.hf import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device)
-
-    def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 5 * 2**30,
-                        state: dict[str, Tensor] | None = None) -> None:
-        from minir1.hf import save_pretrained
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, state=state)
 
     # -- the forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: Any = None,
@@ -777,6 +755,19 @@ class Transformer(nn.Module):
             losses = [m.aux_loss for m in moe if m.aux_loss is not None]
             out.aux_loss = torch.stack(losses).sum() if losses else None
         return out
+
+    @property
+    def num_mtp_modules(self) -> int:
+        return len(self.mtp)
+
+    def mtp_draft(self, hidden: Tensor, next_ids: Tensor, positions: Tensor, cache: Any) -> Tensor:
+        """MTP depth 1 on the cache (speculative decoding): hidden h_i and token t_{i+1} -> logits for t_{i+2}."""
+        if not len(self.mtp):
+            return super().mtp_draft(hidden, next_ids, positions, cache)
+        module = self.mtp[0]
+        cos, sin = self.rotary(positions, hidden.dtype)
+        h = module(hidden, self.embed_tokens(next_ids), cos, sin, self.rotary.softmax_scale, cache)
+        return self.lm_head(module.norm(h))
 
     def mtp_forward(self, hidden: Tensor, input_ids: Tensor, cos: Tensor, sin: Tensor,
                     mask: Tensor | None = None) -> list[Tensor]:
