@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 def new_cache(model: Any, batch: int, max_len: int, extra_layers: int = 0) -> LatentCache:
     """An empty cache for `batch` rows of up to `max_len` positions of `model`; `extra_layers` more layers for
     the MTP module's attention (speculative decoding)."""
+    if model.cache_kind != "mla":
+        raise ValueError(f"{type(model).__name__}: the engine has no {model.cache_kind!r} KV cache")
     cfg = model.config
     return LatentCache(cfg.num_hidden_layers + extra_layers, batch, max_len, cfg.kv_lora_rank,
                        cfg.qk_rope_head_dim, model.dtype, model.device)

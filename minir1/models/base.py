@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,8 @@ class CausalLM(nn.Module):
     """
 
     config: Any
+    # The KV cache the engine keeps for this family (minir1/engine/cache.py): "mla" (DeepSeek's latent cache).
+    cache_kind: ClassVar[str] = ""
 
     # -- what the engine asks ------------------------------------------------------------------------
     @property

@@ -676,6 +676,8 @@ class Transformer(CausalLM):
     ModelOutput holding the MTP logits, the balance loss and the router loads of the same forward.
     """
 
+    cache_kind = "mla"  # MLA's latent cache (DeepSeek-V2 §2.1.2)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
