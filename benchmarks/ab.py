@@ -4,6 +4,7 @@ repeats; the median of each and the median ratio (this / baseline) are reported.
 
     git worktree add /tmp/baseline <commit>
     python benchmarks/ab.py --baseline /tmp/baseline [--repeats 5]
+    python benchmarks/ab.py --baseline /tmp/baseline --generate-only 16    # one batch size, 15 runs each
 
 The measuring code below uses only names both layouts export (minir1.Transformer, minir1.engine.Engine,
 minir1.train.grpo.GRPOStage, ...), so it runs unchanged on either side.
@@ -22,10 +23,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
 
-# One process measures one side: generation at batch 1, 16 and 64 (median tokens/s of 3 timed runs after a
-# warm-up), the continuous-batching scheduler on 16 seeded requests at once, and 6 GRPO steps (P=2, G=8,
-# 64 new tokens; median seconds per step after the first).
-MEASURE = r'''
+# The engine on the `tiny` preset and generation's rate: median tokens/s of `runs` timed runs after a warm-up.
+GENERATION = r'''
 import json, statistics, sys, tempfile, time, threading
 from pathlib import Path
 import torch
@@ -33,20 +32,25 @@ torch.manual_seed(0)
 from minir1 import ModelConfig, Transformer
 from minir1.engine import Engine, SamplingParams
 
-cfg = ModelConfig.from_preset("tiny", vocab_size=512, num_nextn_predict_layers=0)
-model = Transformer(cfg).eval()
-engine = Engine(model)
-gen = {}
-for batch in (1, 16, 64):
+engine = Engine(Transformer(ModelConfig.from_preset("tiny", vocab_size=512, num_nextn_predict_layers=0)).eval())
+
+def rate(batch, runs):
     prompts = torch.randint(3, 512, (batch, 32)).tolist()
     params = SamplingParams(max_new_tokens=64, temperature=1.0, stop_token_ids=[], seed=0)
     engine.generate(prompts, params)
     rates = []
-    for _ in range(3):
+    for _ in range(runs):
         t = time.perf_counter()
         engine.generate(prompts, params)
         rates.append(batch * 64 / (time.perf_counter() - t))
-    gen[batch] = statistics.median(rates)
+    return statistics.median(rates)
+'''
+
+# One process measures one side: generation at batch 1, 16 and 64 (3 timed runs each), the continuous-batching
+# scheduler on 16 seeded requests at once, and 6 GRPO steps (P=2, G=8, 64 new tokens; median seconds per step
+# after the first).
+MEASURE = GENERATION + r'''
+gen = {batch: rate(batch, 3) for batch in (1, 16, 64)}
 
 try:
     from minir1.serve.scheduler import Scheduler
@@ -88,9 +92,17 @@ print("RESULT", json.dumps({"generate_tokens_per_s": gen, "scheduler_tokens_per_
 '''
 
 
-def measure(root: Path) -> dict:
+# Generation alone at one batch size, 15 timed runs per process (a closer look at one row).
+MEASURE_GENERATE = GENERATION + r'''
+batch = int(sys.argv[1])
+print("RESULT", json.dumps({"generate_tokens_per_s": {batch: rate(batch, 15)}}))
+'''
+
+
+def measure(root: Path, generate_only: int | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(root)}
-    res = subprocess.run([sys.executable, "-c", MEASURE], capture_output=True, text=True, env=env,
+    code = [MEASURE] if generate_only is None else [MEASURE_GENERATE, str(generate_only)]
+    res = subprocess.run([sys.executable, "-c", *code], capture_output=True, text=True, env=env,
                          cwd=tempfile.gettempdir())
     line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
     if res.returncode or line is None:
@@ -100,8 +112,9 @@ def measure(root: Path) -> dict:
 
 def flat(r: dict) -> dict[str, float]:
     out = {f"generate b={b} tok/s": v for b, v in r["generate_tokens_per_s"].items()}
-    out["scheduler 16 streams tok/s"] = r["scheduler_tokens_per_s"]
-    out["GRPO s/step"] = r["grpo_step_s"]
+    if "scheduler_tokens_per_s" in r:
+        out["scheduler 16 streams tok/s"] = r["scheduler_tokens_per_s"]
+        out["GRPO s/step"] = r["grpo_step_s"]
     return out
 
 
@@ -109,13 +122,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", required=True, help="another minir1 checkout (e.g. a git worktree)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--generate-only", type=int, metavar="BATCH", help="only generation at this batch size")
     args = ap.parse_args()
     sides = {"this": HERE, "baseline": Path(args.baseline).resolve()}
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
     for r in range(args.repeats):
         order = list(sides) if r % 2 == 0 else list(sides)[::-1]  # alternate who goes first
         for name in order:
-            runs[name].append(flat(measure(sides[name])))
+            runs[name].append(flat(measure(sides[name], args.generate_only)))
         print(f"repeat {r + 1}: " + "; ".join(f"{k}: {v:,.1f} / {runs['baseline'][-1][k]:,.1f}"
                                               for k, v in runs["this"][-1].items()), flush=True)
     print(f"\nmedians over {args.repeats} repeats (this / baseline = ratio; for s/step lower is better):")
