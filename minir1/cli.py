@@ -49,10 +49,12 @@ def info(args: argparse.Namespace) -> int:
     def fmt(n: int) -> str:
         return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
     print(f"parameters: {fmt(counts['total'])} total, {fmt(counts['activated'])} activated per token"
-          + (f", + {fmt(counts['mtp'])} in {config.num_nextn_predict_layers} MTP module(s)" if counts["mtp"] else ""))
+          + (f", + {fmt(counts['mtp'])} in {config.num_nextn_predict_layers} MTP module(s)" if counts["mtp"] else "")
+          + f" ({config.model_type})")
     for dtype, c in cache.items():
-        print(f"KV cache per token ({dtype}): {c['mla_latent']:,} bytes MLA latent vs {c['naive_mha']:,} bytes "
-              f"naive multi-head ({c['naive_mha'] / c['mla_latent']:.1f}x)")
+        kind = next(k for k in c if k != "naive_mha")  # mla_latent (DeepSeek) or gqa (the dense families)
+        print(f"KV cache per token ({dtype}): {c[kind]:,} bytes {'MLA latent' if kind == 'mla_latent' else 'GQA'} "
+              f"vs {c['naive_mha']:,} bytes naive multi-head ({c['naive_mha'] / c[kind]:.1f}x)")
     return 0
 
 

@@ -64,6 +64,26 @@ def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
+def _tojson(value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+    """transformers' `tojson`: no ASCII escaping (Jinja's own escapes every non-ASCII character)."""
+    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    from datetime import datetime
+    return datetime.now().strftime(fmt)
+
+
+def template_environment() -> ImmutableSandboxedEnvironment:
+    """A sandboxed Jinja2 environment set up as transformers sets up its own for chat templates: trimmed and
+    lstripped blocks, loop controls, `raise_exception`, `tojson` without ASCII escaping, `strftime_now`."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
 def _token_content(value: Any) -> str | None:
     """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
     if isinstance(value, dict):
@@ -76,8 +96,10 @@ class Tokenizer:
 
     def __init__(self, backend: BackendTokenizer, *, chat_template: str | None = CHAT_TEMPLATE,
                  bos_token: str | None = BOS, eos_token: str | None = EOS, pad_token: str | None = PAD,
-                 model_max_length: int | None = None) -> None:
+                 model_max_length: int | None = None, unk_token: str | None = None, source: str = "tokenizer",
+                 add_bos_token: bool = False) -> None:
         self.backend = backend
+        self.unk_token, self.source, self.add_bos_token = unk_token, source, add_bos_token
         self.chat_template = chat_template
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.model_max_length = model_max_length
@@ -148,13 +170,15 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content', got {m!r}")
-        if self._template is None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-            env.globals["raise_exception"] = _raise
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                                     pad_token=self.pad_token or "", **kwargs)
+        try:
+            if self._template is None:
+                self._template = template_environment().from_string(self.chat_template)
+            return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                         pad_token=self.pad_token or "", unk_token=self.unk_token or "",
+                                         **kwargs)
+        except TemplateError as e:  # a syntax error, or the template's own raise_exception
+            raise TokenizerError(f"{self.source}: the chat template failed: {e}") from e
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True,
                             tokenize: bool = True, **kwargs: Any) -> list[int] | str:
@@ -201,8 +225,10 @@ class Tokenizer:
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
+        source = str(cfg_file)
         if (path / CHAT_TEMPLATE_FILE).is_file():
             template = files.read_text(path / CHAT_TEMPLATE_FILE, TokenizerError)
+            source = str(path / CHAT_TEMPLATE_FILE)
         vocab = backend.get_vocab(with_added_tokens=True)
 
         def special(key: str, default: str) -> str | None:
@@ -213,5 +239,6 @@ class Tokenizer:
         max_len = config.get("model_max_length")
         return cls(backend, chat_template=template if isinstance(template, str) else None,
                    bos_token=special("bos_token", BOS), eos_token=special("eos_token", EOS),
-                   pad_token=special("pad_token", PAD),
-                   model_max_length=max_len if isinstance(max_len, int) and max_len < 10**9 else None)
+                   pad_token=special("pad_token", PAD), unk_token=_token_content(config.get("unk_token")),
+                   model_max_length=max_len if isinstance(max_len, int) and max_len < 10**9 else None,
+                   source=source, add_bos_token=bool(config.get("add_bos_token", False)))

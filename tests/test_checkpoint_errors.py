@@ -62,7 +62,7 @@ def test_config_missing_field(ckpt):
     ("num_experts_per_tok", 99, "num_experts_per_tok (99) must be <= n_routed_experts (8)"),
     ("rope_theta", "big", "field 'rope_theta' has the wrong type"),
     ("q_lora_rank", -3, "q_lora_rank (-3) must be a positive integer or null"),
-    ("model_type", "llama", "field 'model_type' is 'llama'"),
+    ("model_type", "mistral", "field 'model_type' is 'mistral'"),  # llama, qwen2, qwen3 load since issue 16
 ])
 def test_config_invalid_field(ckpt, field, value, message):
     edit_config(ckpt, **{field: value})

@@ -64,6 +64,9 @@ class Row:
     cancelled: bool = False
     text_sent: int = 0                # characters of text already streamed
     stop_at: int = -1                 # character index where a stop string begins
+    decoded: str = ""                 # the text of tokens[:read_offset], decoded incrementally
+    prefix_offset: int = 0            # tokens[prefix_offset:read_offset] are decoded again as context
+    read_offset: int = 0
 
     @property
     def done(self) -> bool:
@@ -113,9 +116,13 @@ class DecodeBatch:
     def stop_ids(self, params: SamplingParams) -> set[int]:
         if params.stop_token_ids is not None:
             return set(params.stop_token_ids)
+        # The tokenizer's EOS; a config that lists several (Llama-3's end-of-turn ids) adds them all.
         eos = getattr(self.tokenizer, "eos_id", None)
-        eos = self.model.config.eos_token_id if eos is None else eos
-        return set() if eos is None else {eos}
+        configured = self.model.config.eos_token_id
+        ids = set(configured) if isinstance(configured, list) else set()
+        if eos is None:
+            eos = None if isinstance(configured, list) else configured
+        return ids | ({eos} if eos is not None else set())
 
     # -- add rows --------------------------------------------------------------------------------------
     def add(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
@@ -232,10 +239,25 @@ class DecodeBatch:
         self.stats["generated_tokens"] += generated
         return events
 
+    def _decode_new(self, row: Row) -> str:
+        """The row's text so far, without re-decoding the whole row: only its new tokens, with a few before
+        them as context (the prefix/read-offset method: a tokenizer that drops a word's leading space at
+        the start of a decode gets it right). Tokens that end inside a multi-byte character wait until it
+        is complete — unless the row has finished, when they are decoded as they are."""
+        ids = row.tokens
+        end = len(ids) - 1 if row.finish_reason == "stop" and ids and ids[-1] in row.stop_ids else len(ids)
+        if end > row.read_offset:
+            prefix = self.tokenizer.decode(ids[row.prefix_offset:row.read_offset])
+            new = self.tokenizer.decode(ids[row.prefix_offset:end])
+            if row.finish_reason or (len(new) > len(prefix) and not new.endswith("\ufffd")):
+                row.decoded += new[len(prefix):]
+                row.prefix_offset, row.read_offset = row.read_offset, end
+        return row.decoded
+
     def _advance_text(self, row: Row) -> str:
         """The row's new text since the last call; finds stop strings. Text that may still turn into a stop
         string, or that ends in an incomplete UTF-8 sequence, is held back until it cannot."""
-        full, stop = self.text(row), row.params.stop
+        full, stop = self._decode_new(row), row.params.stop
         if stop and row.finish_reason != "stop":
             longest = max(len(s) for s in stop)
             hits = [i for s in stop if (i := full.find(s, max(0, row.text_sent - longest))) >= 0]

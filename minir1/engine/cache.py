@@ -18,14 +18,17 @@ if TYPE_CHECKING:
     from minir1.models.deepseek_v3 import MLAttention
 
 
-def new_cache(model: Any, batch: int, max_len: int, extra_layers: int = 0) -> LatentCache:
+def new_cache(model: Any, batch: int, max_len: int, extra_layers: int = 0) -> LatentCache | KVCache:
     """An empty cache for `batch` rows of up to `max_len` positions of `model`; `extra_layers` more layers for
     the MTP module's attention (speculative decoding)."""
-    if model.cache_kind != "mla":
-        raise ValueError(f"{type(model).__name__}: the engine has no {model.cache_kind!r} KV cache")
     cfg = model.config
-    return LatentCache(cfg.num_hidden_layers + extra_layers, batch, max_len, cfg.kv_lora_rank,
-                       cfg.qk_rope_head_dim, model.dtype, model.device)
+    if model.cache_kind == "mla":
+        return LatentCache(cfg.num_hidden_layers + extra_layers, batch, max_len, cfg.kv_lora_rank,
+                           cfg.qk_rope_head_dim, model.dtype, model.device)
+    if model.cache_kind == "gqa":
+        return KVCache(cfg.num_hidden_layers + extra_layers, batch, max_len, cfg.num_key_value_heads, cfg.dim,
+                       model.dtype, model.device)
+    raise ValueError(f"{type(model).__name__}: the engine has no {model.cache_kind!r} KV cache")
 
 
 class LatentCache:
@@ -89,3 +92,31 @@ class LatentCache:
         out_latent = torch.bmm(probs.view(B, T * H, -1), keys[..., :self.kv_rank])  # [B, T*H, C]
         out = torch.bmm(out_latent.view(B * T, H, -1).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*T, v]
         return out.transpose(0, 1).reshape(B, T, H, -1)
+
+
+class KVCache(LatentCache):
+    """Grouped-query attention's cache (the dense families): for each layer and position the keys and values
+    of the K key/value heads, in one buffer `kv` [layers, B, S, 2·K·Dh] (keys, then values), so positions,
+    masks, compaction and continuous batching work as for the latent cache."""
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.kv = torch.zeros(n_layers, batch, max_len, 2 * kv_heads * head_dim, dtype=dtype, device=device)
+        self.positions = None
+        self._mask = None
+        self._span = 0
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        """Write this step's keys and values, then attend: q [B, T, H, Dh]; k, v [B, T, K, Dh] (after RoPE)
+        -> [B, T, H, Dh]. Each key/value head serves H / K query heads."""
+        B, T, H, D = q.shape
+        K = self.kv_heads
+        kv = self.kv[layer]
+        kv[self._rows, self.positions] = torch.cat((k.reshape(B, T, -1), v.reshape(B, T, -1)), dim=-1).to(kv.dtype)
+        cached = kv[:, :self._span].view(B, self._span, 2, K, D)
+        keys, values = cached[:, :, 0], cached[:, :, 1]                           # [B, S, K, Dh]
+        qg = q.view(B, T, K, H // K, D)
+        scores = torch.einsum("btkgd,bskd->btkgs", qg, keys) * scale + self._mask[:, :, :, None]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.einsum("btkgs,bskd->btkgd", probs, values).reshape(B, T, H, D)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from minir1.errors import ConfigError
 from minir1.models.base import CausalLM, ModelOutput
+from minir1.models.layers import RMSNorm
 
 # --------------------------------------------------------------------------------------------------
 # Configuration
@@ -240,43 +241,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
-
-
-class _RMSNormFP32(torch.autograd.Function):
-    """y = x·rsqrt(mean(x²) + eps)·w with a hand-derived backward: a third fewer elementwise passes
-    than autograd's trace of the same formula, which matters on a memory-bound CPU."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        rstd = torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
-        x_hat = x * rstd
-        ctx.save_for_backward(x_hat, rstd, weight)
-        return x_hat * weight
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        x_hat, rstd, weight = ctx.saved_tensors
-        grad_weight = (grad * x_hat).flatten(0, -2).sum(0)
-        g = grad * weight
-        grad_x = rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
-        return grad_x, grad_weight, None
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-                return _RMSNormFP32.apply(x, self.weight, self.eps)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Statistics in fp32 whatever the activation dtype (as DeepSeek's reference does).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

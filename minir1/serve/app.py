@@ -316,7 +316,10 @@ async def chat_completions(service: Service, body: ChatCompletionRequest, reques
         raise APIError(400, "messages: no system, user or assistant message", param="messages")
     service.check_length([m["content"] for m in messages], "messages")
     # Off the event loop: a long prompt must not stall /health and the other clients' streams.
-    prompt = await asyncio.to_thread(service.tokenizer.apply_chat_template, messages, add_generation_prompt=True)
+    try:
+        prompt = await asyncio.to_thread(service.tokenizer.apply_chat_template, messages, add_generation_prompt=True)
+    except ValueError as e:  # the checkpoint's template refused the conversation (raise_exception)
+        raise APIError(400, str(e), param="messages") from e
     opened = bool(opened_reasoning(service.tokenizer, prompt))
     params = service.sampling(body, len(prompt), body.max_completion_tokens or body.max_tokens)
     req, q = await service.submit(prompt, params)

@@ -56,6 +56,8 @@ def pack(weight: Tensor, out: Tensor | None = None) -> Tensor:
 
 
 def _unsupported(model: Transformer) -> str | None:
+    if getattr(model, "cache_kind", None) != "mla":
+        return "the fused decode step runs DeepSeek-V3's MLA models"
     cfg = model.config
     params = list(model.parameters())
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):

@@ -16,7 +16,8 @@ from minir1.errors import ConfigError
 CONFIG_FILE = "config.json"
 # model_type -> the module of its adapter; each offers MODEL (the family's class), config_from_hf, load_pretrained
 # and save_pretrained.
-FAMILIES = {"deepseek_v3": "minir1.models.hf.deepseek_v3"}
+FAMILIES = {"deepseek_v3": "minir1.models.hf.deepseek_v3", "llama": "minir1.models.hf.dense",
+            "qwen2": "minir1.models.hf.dense", "qwen3": "minir1.models.hf.dense"}
 
 
 def adapter(model_type: Any, source: str = CONFIG_FILE) -> ModuleType:

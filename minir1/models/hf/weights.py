@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from tqdm import tqdm
 
 from minir1 import files
 from minir1.errors import CheckpointError
@@ -155,17 +156,22 @@ def check_names(path: Path, by_name: dict[str, Path], expected: dict[str, list[i
     return found
 
 
-def read_tensors(found: dict[str, Path], skip: set[str]) -> dict[str, Tensor]:
-    """The tensors named in `found` (but not in `skip`), each checked to be finite."""
-    tensors: dict[str, Tensor] = {}
+def read_tensors(found: dict[str, Path], skip: set[str], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The tensors named in `found` (but not in `skip`), each checked to be finite and, with `dtype`, converted
+    as it is read (one tensor at a time: never a second copy of the whole model). A progress bar for large
+    checkpoints."""
     by_file: dict[Path, list[str]] = {}
     for name, f in found.items():
         if name not in skip:
             by_file.setdefault(f, []).append(name)
-    for f, names in by_file.items():
-        with safe_open(f, "pt") as h:
-            for name in names:
-                tensors[name] = h.get_tensor(name)
-                check_finite(name, tensors[name], str(f), ": the run that wrote it diverged; use an earlier "
-                                                          "checkpoint")
+    total = sum(f.stat().st_size for f in by_file)
+    tensors: dict[str, Tensor] = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=total < 2**30, leave=False) as bar:
+        for f, names in by_file.items():
+            with safe_open(f, "pt") as h:
+                for name in names:
+                    t = h.get_tensor(name)
+                    check_finite(name, t, str(f), ": the run that wrote it diverged; use an earlier checkpoint")
+                    tensors[name] = t if dtype is None or not t.is_floating_point() else t.to(dtype)
+                    bar.update(t.numel() * t.element_size())
     return tensors
