@@ -230,44 +230,20 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def stage_command(name: str, help: str, config: Callable[[], type]):
-    """Register a stage as `minir1 NAME`: flags from the config class `config()`, then `fn(cfg, args)`."""
+def stage_command(name: str, help: str, config: str):
+    """Register a stage as `minir1 NAME`: its flags are the fields of the config class `config`
+    ("module:Class", imported when the command is used), and `fn(cfg)` runs it."""
+    def config_class() -> type:
+        import importlib
+        module, cls = config.split(":")
+        return getattr(importlib.import_module(module), cls)
+
     def register(fn: Callable[[Any], int]):
         def run(args: argparse.Namespace) -> int:
-            return fn(config_from_args(config(), args))
-        COMMANDS[name] = (help, lambda p: add_dataclass_flags(p, config(), f"{name}"), run)
+            return fn(config_from_args(config_class(), args))
+        COMMANDS[name] = (help, lambda p: add_dataclass_flags(p, config_class(), name), run)
         return fn
     return register
-
-
-def _pretrain_config() -> type:
-    from minir1.train.pretrain import PretrainConfig
-    return PretrainConfig
-
-
-def _sft_config() -> type:
-    from minir1.train.sft import SFTConfig
-    return SFTConfig
-
-
-def _grpo_config() -> type:
-    from minir1.train.grpo import GRPOStageConfig
-    return GRPOStageConfig
-
-
-def _sample_config() -> type:
-    from minir1.train.sample import SampleConfig
-    return SampleConfig
-
-
-def _distill_config() -> type:
-    from minir1.train.distill import DistillConfig
-    return DistillConfig
-
-
-def _eval_config() -> type:
-    from minir1.evaluate import EvaluateConfig
-    return EvaluateConfig
 
 
 def _trained(what: str, result: Any) -> None:
@@ -276,7 +252,8 @@ def _trained(what: str, result: Any) -> None:
               f"checkpoint in {result.out}")
 
 
-@stage_command("pretrain", "pretrain a DeepSeek-V3 model (MLA, MoE, MTP) on a task's documents", _pretrain_config)
+@stage_command("pretrain", "pretrain a DeepSeek-V3 model (MLA, MoE, MTP) on a task's documents",
+               "minir1.train.pretrain:PretrainConfig")
 def pretrain_cmd(cfg: Any) -> int:
     from minir1.train.pretrain import pretrain
     _trained("pretrained", pretrain(cfg))
@@ -284,14 +261,14 @@ def pretrain_cmd(cfg: Any) -> int:
 
 
 @stage_command("sft", "supervised fine-tuning on chat data or a task's worked solutions (<think> format)",
-               _sft_config)
+               "minir1.train.sft:SFTConfig")
 def sft_cmd(cfg: Any) -> int:
     from minir1.train.sft import sft
     _trained("fine-tuned", sft(cfg))
     return 0
 
 
-@stage_command("grpo", "GRPO with rule-based rewards (R1-Zero style RL)", _grpo_config)
+@stage_command("grpo", "GRPO with rule-based rewards (R1-Zero style RL)", "minir1.train.grpo:GRPOStageConfig")
 def grpo_cmd(cfg: Any) -> int:
     from minir1.train.grpo import grpo
     result = grpo(cfg)
@@ -302,7 +279,8 @@ def grpo_cmd(cfg: Any) -> int:
     return 0
 
 
-@stage_command("sample", "rejection sampling: keep verified, well-formatted completions as SFT data", _sample_config)
+@stage_command("sample", "rejection sampling: keep verified, well-formatted completions as SFT data",
+               "minir1.train.sample:SampleConfig")
 def sample_cmd(cfg: Any) -> int:
     from minir1.train.sample import sample
     r = sample(cfg)
@@ -310,7 +288,8 @@ def sample_cmd(cfg: Any) -> int:
     return 0
 
 
-@stage_command("distill", "distillation: SFT a student on a teacher's verified traces (R1 §2.4)", _distill_config)
+@stage_command("distill", "distillation: SFT a student on a teacher's verified traces (R1 §2.4)",
+               "minir1.train.distill:DistillConfig")
 def distill_cmd(cfg: Any) -> int:
     from minir1.train.distill import distill
     r = distill(cfg)
@@ -320,7 +299,7 @@ def distill_cmd(cfg: Any) -> int:
     return 0
 
 
-@stage_command("eval", "held-out pass@1, pass@k, maj@k and format rate on a task", _eval_config)
+@stage_command("eval", "held-out pass@1, pass@k, maj@k and format rate on a task", "minir1.evaluate:EvaluateConfig")
 def evaluate_cmd(cfg: Any) -> int:
     from minir1.evaluate import evaluate_checkpoint
     res = evaluate_checkpoint(cfg)

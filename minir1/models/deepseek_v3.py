@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from minir1.errors import ConfigError
 from minir1.models.base import CausalLM, ModelOutput
-from minir1.models.layers import RMSNorm
+from minir1.models.layers import RMSNorm, at_positions, document_mask
 
 # --------------------------------------------------------------------------------------------------
 # Configuration
@@ -698,18 +698,11 @@ class Transformer(CausalLM):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         scale = self.rotary.softmax_scale
-        mask = None
-        if doc_ids is not None:  # causal within each packed document, nothing across them
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
-            mask = mask[:, None]
+        mask = None if doc_ids is None else document_mask(doc_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, scale, cache, mask)
         hidden = x
-        if logits_at is not None:  # e.g. each prompt's last token: skip the head everywhere else
-            at = logits_at[:, None] if logits_at.dim() == 1 else logits_at
-            x = x[torch.arange(B, device=x.device)[:, None], at]
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(at_positions(x, logits_at)))  # e.g. each prompt's last token
         if not (mtp or return_dict):
             return logits
         out = ModelOutput(logits=logits, hidden=hidden)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from minir1.errors import ConfigError
 from minir1.models.base import CausalLM, ModelOutput
-from minir1.models.layers import RMSNorm
+from minir1.models.layers import RMSNorm, at_positions, document_mask
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -306,17 +306,11 @@ class DenseTransformer(CausalLM):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
-        mask = None
-        if doc_ids is not None:  # causal within each packed document, nothing across them
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+        mask = None if doc_ids is None else document_mask(doc_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, mask)
         hidden = x
-        if logits_at is not None:
-            at = logits_at[:, None] if logits_at.dim() == 1 else logits_at
-            x = x[torch.arange(B, device=x.device)[:, None], at]
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(at_positions(x, logits_at)))
         if not (mtp or return_dict):
             return logits
         return ModelOutput(logits=logits, hidden=hidden)

@@ -44,3 +44,20 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+def document_mask(doc_ids: Tensor) -> Tensor:
+    """doc_ids [B, T] (the documents packed in each row) -> attention mask [B, 1, T, T]: causal within each
+    document, nothing across them."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
+def at_positions(x: Tensor, logits_at: Tensor | None) -> Tensor:
+    """x [B, T, D] at each row's positions `logits_at` ([B] -> [B, 1, D], [B, K] -> [B, K, D]); all of x if None:
+    the output head and its gradient then skip every other position."""
+    if logits_at is None:
+        return x
+    at = logits_at[:, None] if logits_at.dim() == 1 else logits_at
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], at]
