@@ -175,3 +175,16 @@ def test_a_cancelled_row_leaves_at_the_next_retire_and_the_others_are_unchanged(
         batch.step()
         batch.retire()
     assert len(first.tokens) == 2 and second.tokens == expected[1]
+
+
+def test_decode_batch_refuses_bad_prompts_without_a_traceback_from_inside(tiny_tokenizer):
+    batch = DecodeBatch(tiny(tiny_tokenizer).eval(), tiny_tokenizer)
+    p = SamplingParams(max_new_tokens=2)
+    assert batch.add([], p) == []
+    with pytest.raises(ValueError, match="prompt 1: empty"):
+        batch.add([[5], []], p)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        batch.add([[10**6]], p)
+    with pytest.raises(ValueError, match="2 prompts but 1 SamplingParams"):
+        batch.add([[5], [6]], [p])
+    assert len(batch) == 0

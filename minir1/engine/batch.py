@@ -131,7 +131,15 @@ class DecodeBatch:
         """Prefill `prompts` (prompt i with params[i]: params[i].n rows) and sample each new row's first token.
         One SamplingParams and generator may be given for all prompts. -> the first tokens' events."""
         P = len(prompts)
+        if not P:
+            return []
+        V = self.model.config.vocab_size
+        for i, pr in enumerate(prompts):  # Engine.check_prompt says more; this guards direct callers
+            if not pr or any(not 0 <= t < V for t in pr):
+                raise ValueError(f"prompt {i}: empty, or a token id outside the vocabulary [0, {V})")
         plist = [params] * P if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != P:
+            raise ValueError(f"{P} prompts but {len(plist)} SamplingParams")
         if generators is None:
             generators = [p.generator(self.device) for p in plist]
         gens = [generators] * P if isinstance(generators, torch.Generator) else list(generators)
