@@ -294,7 +294,9 @@ class DecodeBatch:
         ids = ids.to(device)
         last = torch.tensor(lengths, device=device) - 1
         positions = torch.arange(T, device=device).expand(P, T)
-        cache = new_cache(self.model, P, max_len, extra_layers=1 if self.speculative else 0)
+        native = self.fused is not None and not self.model.training
+        cache = new_cache(self.model, P, max_len, extra_layers=1 if self.speculative else 0,
+                          dtype=torch.float32 if native else None)
         if self._fused_ok(cache) and not self.speculative:
             # Unpadded; with speculation (an MTP cache layer) the padded forward below gives hidden states.
             logits = self.fused.prefill(cache.kv, [list(p) for p in prompts])

@@ -18,16 +18,19 @@ if TYPE_CHECKING:
     from minir1.models.deepseek_v3 import MLAttention
 
 
-def new_cache(model: Any, batch: int, max_len: int, extra_layers: int = 0) -> LatentCache | KVCache:
+def new_cache(model: Any, batch: int, max_len: int, extra_layers: int = 0,
+              dtype: torch.dtype | None = None) -> LatentCache | KVCache:
     """An empty cache for `batch` rows of up to `max_len` positions of `model`; `extra_layers` more layers for
-    the MTP module's attention (speculative decoding)."""
+    the MTP module's attention (speculative decoding). `dtype`: the model's unless given (the native decode
+    step keeps an fp32 cache for bf16 weights)."""
     cfg = model.config
+    dtype = dtype or model.dtype
     if model.cache_kind == "mla":
         return LatentCache(cfg.num_hidden_layers + extra_layers, batch, max_len, cfg.kv_lora_rank,
-                           cfg.qk_rope_head_dim, model.dtype, model.device)
+                           cfg.qk_rope_head_dim, dtype, model.device)
     if model.cache_kind == "gqa":
         return KVCache(cfg.num_hidden_layers + extra_layers, batch, max_len, cfg.num_key_value_heads, cfg.dim,
-                       model.dtype, model.device)
+                       dtype, model.device)
     raise ValueError(f"{type(model).__name__}: the engine has no {model.cache_kind!r} KV cache")
 
 

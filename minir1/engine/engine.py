@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from minir1.engine.batch import Completion, DecodeBatch, Emitted, StreamEvent
-from minir1.engine.native import FusedDecoder
+from minir1.engine.native import decoder_for
 from minir1.engine.sampling import SamplingParams
 
 
@@ -26,7 +26,7 @@ class Engine:
         # Every forward on the cache (prefill, decode, speculative verification, MTP draft) in one native
         # call when the model and machine allow it (minir1/engine/native/); the PyTorch path stays the
         # reference, and runs everything otherwise.
-        self.fused = FusedDecoder.for_model(model) if fused else None
+        self.fused = decoder_for(model) if fused else None
 
     def batch(self, *, speculative: bool = False, stream_text: bool = False) -> DecodeBatch:
         """An empty DecodeBatch on this engine's model, tokenizer and native decoder."""

@@ -68,7 +68,9 @@ def build(name: str) -> Path:
     link = [f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}"] if (lib_dir / "libgomp.so.1").exists() else []
     flags = SANITIZE_FLAGS if os.environ.get("MINIR1_SANITIZE") == "1" else FLAGS
     cmd = [cxx, *flags, str(source), *link]
-    key = hashlib.sha256("\0".join([source.read_text(), *cmd, _cpu_signature(), torch.__version__]).encode())
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # common.h: included by every source
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, *cmd, _cpu_signature(),
+                                     torch.__version__]).encode())
     target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target

@@ -18,6 +18,7 @@ in float64. Packing costs a few milliseconds for a model of a few million parame
 from __future__ import annotations
 
 import ctypes
+import logging
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from minir1.engine.native import build as kernels
 from minir1.models.deepseek_v3 import MLP, Block, ModelOutput, MoE, Transformer
 
 _P = ctypes.c_void_p
+log = logging.getLogger(__name__)
 
 
 class _Dims(ctypes.Structure):
@@ -65,6 +67,28 @@ def _unsupported(model: Transformer) -> str | None:
     if cfg.n_routed_experts > 1024 or cfg.n_group > 256 or cfg.qk_rope_head_dim > 512:
         return "more experts, groups or rope dimensions than the kernel's fixed buffers"
     return None
+
+
+def memory_available() -> int | None:
+    """Bytes of memory the system can still give (MemAvailable), or None where /proc/meminfo is absent."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def fits_in_memory(nbytes: int, what: str) -> bool:
+    """Whether `nbytes` more fit with a quarter of the available memory to spare; a warning when not."""
+    available = memory_available()
+    if available is None or nbytes <= 0.75 * available:
+        return True
+    log.warning("minir1: %s needs %.1f GiB, more than the memory left allows (%.1f GiB available); generation "
+                "runs on the PyTorch path instead", what, nbytes / 2**30, available / 2**30)
+    return False
 
 
 class PackedWeights:
@@ -176,6 +200,9 @@ class FusedDecoder:
     def for_model(cls, model: Transformer) -> FusedDecoder | None:
         if _unsupported(model) is not None:
             return None
+        if not fits_in_memory(sum(p.numel() * 4 for p in model.parameters()),
+                              what="the native decode step's packed copy of the weights"):
+            return None
         lib = kernels.load("decode_step")
         return None if lib is None else cls(model, lib)
 
@@ -267,8 +294,8 @@ class FusedDecoder:
             raise ValueError(f"fused decode step: {msg}")
 
         if not self.supports(kv):
-            fail(f"the cache must be a contiguous fp32 CPU tensor [layers, rows, S, {cfg.kv_lora_rank} + "
-                 f"{cfg.qk_rope_head_dim}], got {kv.dtype} {tuple(kv.shape)} on {kv.device}")
+            fail(f"the cache must be a contiguous fp32 CPU tensor [layers, rows, S, {self.cache_width}], got "
+                 f"{kv.dtype} {tuple(kv.shape)} on {kv.device}")
         if kv.shape[0] < layers_needed:
             fail(f"the cache has {kv.shape[0]} layers, this forward needs {layers_needed}")
         if tokens.dim() != 1 or positions.shape != tokens.shape:
@@ -294,10 +321,14 @@ class FusedDecoder:
             fail(f"the MTP input must be contiguous fp32 [{N}, {cfg.hidden_size}], got {x_in.dtype} "
                  f"{tuple(x_in.shape)}")
 
+    @property
+    def cache_width(self) -> int:
+        """Values per layer, row and position in the cache this decoder runs on."""
+        return self.model.config.kv_lora_rank + self.model.config.qk_rope_head_dim
+
     def supports(self, kv: Tensor) -> bool:
-        cfg = self.model.config
         return (kv.dtype == torch.float32 and kv.is_contiguous() and kv.device.type == "cpu"
-                and kv.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+                and kv.shape[-1] == self.cache_width)
 
 
 def native_sampling(logits: Tensor) -> bool:

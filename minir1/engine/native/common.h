@@ -1,0 +1,226 @@
+// Pieces shared by the native decode steps (decode_step.cpp: DeepSeek-V3's MLA; dense_step.cpp: Llama, Qwen2
+// and Qwen3): the packed GEMM, RMSNorm, a vectorised exp, and the gated activations.
+//
+// Layouts. A packed weight of a linear layer y = x W^T (W [N, K]) is stored as panels
+// [ceil(N/16)][K][16] (zero-padded columns), so a 16-column block streams contiguously. Activations
+// are row-major with a row stride padded to 16 floats.
+
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace minir1 {
+
+inline int pad16(int n) { return (n + 15) / 16 * 16; }
+
+// Packed weights come as fp32 (float) or bf16 (uint16_t: a float's upper half, widened exactly by a shift);
+// the arithmetic is fp32 either way, so bf16 weights halve the bytes a bandwidth-bound step streams.
+inline float widen(float w) { return w; }
+inline float widen(uint16_t w) {
+    const uint32_t bits = (uint32_t)w << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+// ---- GEMM: C[M, N] (+)= A[M, K] · B, B packed as above ------------------------------------------------
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+template <int MR, typename W>
+inline void micro(int K, const float* __restrict A, int lda, const W* __restrict B, float* __restrict C, int ldc,
+                  bool acc) {
+    __m256 c0[MR], c1[MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; i++) {
+        c0[i] = acc ? _mm256_loadu_ps(C + i * ldc) : _mm256_setzero_ps();
+        c1[i] = acc ? _mm256_loadu_ps(C + i * ldc + 8) : _mm256_setzero_ps();
+    }
+    for (int k = 0; k < K; k++) {
+        __m256 b0 = load8(B + k * 16), b1 = load8(B + k * 16 + 8);
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; i++) {
+            __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+            c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
+            c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; i++) {
+        _mm256_storeu_ps(C + i * ldc, c0[i]);
+        _mm256_storeu_ps(C + i * ldc + 8, c1[i]);
+    }
+}
+
+#else
+template <int MR, typename W>
+inline void micro(int K, const float* __restrict A, int lda, const W* __restrict B, float* __restrict C, int ldc,
+                  bool acc) {
+    float c[MR][16];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < 16; j++) c[i][j] = acc ? C[i * ldc + j] : 0.f;
+    for (int k = 0; k < K; k++)
+        for (int i = 0; i < MR; i++) {
+            const float a = A[i * lda + k];
+            for (int j = 0; j < 16; j++) c[i][j] += a * widen(B[k * 16 + j]);
+        }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < 16; j++) C[i * ldc + j] = c[i][j];
+}
+#endif
+
+template <typename W>
+inline void gemm_block(int M, int K, const float* A, int lda, const W* Bp, float* C, int ldc, bool acc) {
+    int m = 0;
+    for (; m + 6 <= M; m += 6) micro<6>(K, A + m * lda, lda, Bp, C + m * ldc, ldc, acc);
+    const float* a = A + m * lda;
+    float* c = C + m * ldc;
+    switch (M - m) {
+        case 1: micro<1>(K, a, lda, Bp, c, ldc, acc); break;
+        case 2: micro<2>(K, a, lda, Bp, c, ldc, acc); break;
+        case 3: micro<3>(K, a, lda, Bp, c, ldc, acc); break;
+        case 4: micro<4>(K, a, lda, Bp, c, ldc, acc); break;
+        case 5: micro<5>(K, a, lda, Bp, c, ldc, acc); break;
+        default: break;
+    }
+}
+
+// Columns are split across threads in 16-wide panels; each panel stays in L1 across the row blocks. Rows
+// go in chunks of 48 (a prefill has hundreds), so the chunk of A stays in L2 while every panel passes.
+template <typename W>
+void gemm(int M, int N, int K, const float* A, int lda, const W* B, float* C, int ldc, bool acc, int threads) {
+    const int nb = pad16(N) / 16, MC = 48;
+    for (int m0 = 0; m0 < M; m0 += MC) {
+        const int mc = M - m0 < MC ? M - m0 : MC;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && nb > 1)
+        for (int j = 0; j < nb; j++)
+            gemm_block(mc, K, A + (int64_t)m0 * lda, lda, B + (int64_t)j * K * 16, C + (int64_t)m0 * ldc + j * 16, ldc,
+                       acc);
+    }
+}
+
+// Packs `batch` weights W [N, K] (y = x W^T) into panels [ceil(N/16)][K][16], zero-padded; one pass over the
+// panels, split across threads, 16 rows read in step so each cache line of a panel is written once.
+template <typename W>
+void pack_panels(const W* w, int64_t batch, int N, int K, W* out, int threads) {
+    const int nb = pad16(N) / 16;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t p = 0; p < batch * nb; p++) {
+        const int64_t b = p / nb;
+        const int j = (int)(p % nb);
+        const W* wb = w + b * (int64_t)N * K;
+        W* o = out + (b * nb + j) * (int64_t)K * 16;
+        const int rows = N - j * 16 < 16 ? N - j * 16 : 16;
+        for (int k = 0; k < K; k++) {
+            W* ok = o + (int64_t)k * 16;
+            for (int c = 0; c < rows; c++) ok[c] = wb[(int64_t)(j * 16 + c) * K + k];
+            for (int c = rows; c < 16; c++) ok[c] = W(0);
+        }
+    }
+}
+
+// ---- elementwise pieces ---------------------------------------------------------------------------------
+inline void rmsnorm(const float* x, const float* w, float* y, int n, float eps) {
+    double ss = 0;  // the reference reduces in fp32 with pairwise sums; double keeps us as close
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float r = 1.0f / std::sqrt((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) y[i] = x[i] * r * w[i];
+}
+
+// minir1.model.apply_rope: interleaved pairs in, [rotated evens | rotated odds] out.
+inline void rope(const float* x, const float* cos, const float* sin, float* out, int R) {
+    const int h = R / 2;
+    float tmp[512];
+    for (int i = 0; i < h; i++) {
+        const float a = x[2 * i], b = x[2 * i + 1];
+        tmp[i] = a * cos[i] - b * sin[i];
+        tmp[h + i] = b * cos[i] + a * sin[i];
+    }
+    std::memcpy(out, tmp, sizeof(float) * R);
+}
+
+// exp(x) to ~2 ulp (Cephes' expf: range reduction by ln 2, a degree-6 polynomial), eight lanes at a
+// time: glibc's expf is scalar, and the exponentials of softmax, SiLU and sampling were a fifth of a
+// decode step. The scalar version is the same formula for tails and non-AVX2 builds.
+inline float exp1(float x) {
+    if (x != x) return x;  // NaN stays NaN (and never reaches the float-to-int conversion below)
+    const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+    const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 exp8(__m256 x) {
+    const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ), y);
+}
+#endif
+
+// p[i] = exp(p[i] * scale - shift); returns the sum.
+inline float exp_sum(float* p, int n, float scale, float shift) {
+    int i = 0;
+    float sum = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(p + i), _mm256_set1_ps(scale), _mm256_set1_ps(shift)));
+        _mm256_storeu_ps(p + i, v);
+        acc = _mm256_add_ps(acc, v);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    for (float v : lanes) sum += v;
+#endif
+    for (; i < n; i++) sum += (p[i] = exp1(p[i] * scale - shift));
+    return sum;
+}
+
+// SwiGLU on a row [gate (n) | up (n)]: gate[i] <- silu(gate[i]) · up[i] · w.
+inline void swiglu(float* h, int n, float w) {
+    int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), vw = _mm256_set1_ps(w);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(h + i), u = _mm256_loadu_ps(h + n + i);
+        const __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, g))));
+        _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_mul_ps(s, u), vw));
+    }
+#endif
+    for (; i < n; i++) h[i] = h[i] / (1.0f + exp1(-h[i])) * h[n + i] * w;
+}
+
+}  // namespace minir1
