@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from minir1.engine.native import build as kernels
-from minir1.engine.native.fused import FusedDecoder, PackedWeights, fits_in_memory
+from minir1.engine.native.fused import FusedDecoder, PackedWeights, _addr, fits_in_memory
 from minir1.models.dense import DenseTransformer
 
 _P = ctypes.c_void_p
@@ -112,6 +112,8 @@ class DensePackedWeights(PackedWeights):
 class DenseDecoder(FusedDecoder):
     """The engine's forward on a KVCache through the native kernel: prefills and decode steps."""
 
+    name = "dense decode step"
+
     def __init__(self, model: Any, lib: ctypes.CDLL) -> None:
         self.model, self.lib = model, lib
         self._fn = lib.minir1_dense_step
@@ -140,27 +142,13 @@ class DenseDecoder(FusedDecoder):
 
     def _run(self, kv: Tensor, tokens: Tensor, positions: Tensor, rows: Tensor | None, logit_index: Tensor | None,
              x_in: Tensor | None = None, mtp: bool = False, want_hidden: bool = False) -> tuple[Tensor, Tensor | None]:
-        if x_in is not None or mtp:
-            raise ValueError("dense decode step: dense models have no MTP module")
-        w = self.weights
-        if w.signature is None:
-            w.pack()
-        cfg = self.model.config
-        tokens, positions = tokens.to(torch.long).contiguous(), positions.to(torch.long).contiguous()
-        rows = None if rows is None else rows.to(torch.long).contiguous()
-        logit_index = None if logit_index is None else logit_index.to(torch.long).contiguous()
-        self._check(kv, tokens, positions, rows, logit_index, None, cfg.num_hidden_layers)
-        N = tokens.shape[0]
-        n_logits = N if logit_index is None else logit_index.shape[0]
-        logits = torch.empty(n_logits, -(-cfg.vocab_size // 16) * 16)
-        hidden = torch.empty(N, cfg.hidden_size) if want_hidden else None
-
-        def ptr(t: Tensor | None) -> int | None:
-            return None if t is None else t.data_ptr()
-
-        self._fn(ctypes.byref(w.dims), w.layers, cfg.num_hidden_layers, w.embed, w.final_norm, w.lm_head, N,
-                 tokens.data_ptr(), positions.data_ptr(), ptr(rows), kv.data_ptr(), kv.shape[1], kv.shape[2],
-                 ptr(logit_index), n_logits, logits.data_ptr(), ptr(hidden), self.threads or torch.get_num_threads())
+        cfg, w = self.model.config, self.weights
+        tokens, positions, rows, logit_index, logits, hidden = self._prepare(
+            kv, tokens, positions, rows, logit_index, None, cfg.num_hidden_layers, want_hidden)
+        self._fn(ctypes.byref(w.dims), w.layers, cfg.num_hidden_layers, w.embed, w.final_norm, w.lm_head,
+                 tokens.shape[0], tokens.data_ptr(), positions.data_ptr(), _addr(rows), kv.data_ptr(), kv.shape[1],
+                 kv.shape[2], _addr(logit_index), logits.shape[0], logits.data_ptr(), _addr(hidden),
+                 self.threads or torch.get_num_threads())
         return logits[:, :cfg.vocab_size], hidden
 
 

@@ -91,6 +91,10 @@ def fits_in_memory(nbytes: int, what: str) -> bool:
     return False
 
 
+def _addr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 class PackedWeights:
     """The model's weights in the kernel's layout (see the module docstring), with the pointers the kernel
     reads; `stale()` says whether a weight changed since the last `pack()`."""
@@ -184,6 +188,8 @@ class FusedDecoder:
     """The engine's forward on a LatentCache through the native kernel: decode steps, prefills, the
     main model's verification of speculative drafts, and the MTP module that drafts them."""
 
+    name = "fused decode step"  # what its errors call it
+
     def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
         self.model, self.lib = model, lib
         self._fn = lib.minir1_decode_step
@@ -255,34 +261,38 @@ class FusedDecoder:
 
     def _run(self, kv: Tensor, tokens: Tensor, positions: Tensor, rows: Tensor | None, logit_index: Tensor | None,
              x_in: Tensor | None = None, mtp: bool = False, want_hidden: bool = False) -> tuple[Tensor, Tensor | None]:
-        w = self.weights
-        if w.signature is None:
-            w.pack()
-        cfg = self.model.config
-        tokens, positions = tokens.to(torch.long).contiguous(), positions.to(torch.long).contiguous()
-        rows = None if rows is None else rows.to(torch.long).contiguous()
-        logit_index = None if logit_index is None else logit_index.to(torch.long).contiguous()
+        cfg, w = self.model.config, self.weights
         x_in = None if x_in is None else x_in.float().contiguous()
-        layers_needed = cfg.num_hidden_layers + (1 if mtp else 0)
-        self._check(kv, tokens, positions, rows, logit_index, x_in, layers_needed)
-        N = tokens.shape[0]
-        n_logits = N if logit_index is None else logit_index.shape[0]
-        logits = torch.empty(n_logits, -(-cfg.vocab_size // 16) * 16)
-        hidden = torch.empty(N, cfg.hidden_size) if want_hidden else None
+        tokens, positions, rows, logit_index, logits, hidden = self._prepare(
+            kv, tokens, positions, rows, logit_index, x_in, cfg.num_hidden_layers + (1 if mtp else 0), want_hidden)
+        N, n_logits = tokens.shape[0], logits.shape[0]
         loads = None if mtp else torch.zeros(len(self._moe), cfg.n_routed_experts, dtype=torch.int32)
         layers, n_layers = (w.mtp_layers, 1) if mtp else (w.layers, cfg.num_hidden_layers)
-
-        def ptr(t: Tensor | None) -> int | None:
-            return None if t is None else t.data_ptr()
-
         self._fn(ctypes.byref(w.dims), layers, n_layers, cfg.num_hidden_layers if mtp else 0, w.embed,
-                 ptr(x_in), w.mtp_norm if mtp else w.final_norm, w.lm_head, N, tokens.data_ptr(),
-                 positions.data_ptr(), ptr(rows), kv.data_ptr(), kv.shape[1], kv.shape[2], ptr(logit_index),
-                 n_logits, logits.data_ptr(), ptr(hidden), ptr(loads), self.threads or torch.get_num_threads())
+                 _addr(x_in), w.mtp_norm if mtp else w.final_norm, w.lm_head, N, tokens.data_ptr(),
+                 positions.data_ptr(), _addr(rows), kv.data_ptr(), kv.shape[1], kv.shape[2], _addr(logit_index),
+                 n_logits, logits.data_ptr(), _addr(hidden), _addr(loads), self.threads or torch.get_num_threads())
         if loads is not None:
             for m, load in zip(self._moe, loads):
                 m.last_load.copy_(load)
         return logits[:, :cfg.vocab_size], hidden
+
+    def _prepare(self, kv: Tensor, tokens: Tensor, positions: Tensor, rows: Tensor | None,
+                 logit_index: Tensor | None, x_in: Tensor | None, layers_needed: int,
+                 want_hidden: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None]:
+        """Pack the weights if never packed, make the index tensors contiguous int64 and check them, and
+        allocate the outputs -> (tokens, positions, rows, logit_index, logits [n, pad16(V)], hidden or None)."""
+        if self.weights.signature is None:
+            self.weights.pack()
+        cfg = self.model.config
+        tokens, positions = tokens.to(torch.long).contiguous(), positions.to(torch.long).contiguous()
+        rows = None if rows is None else rows.to(torch.long).contiguous()
+        logit_index = None if logit_index is None else logit_index.to(torch.long).contiguous()
+        self._check(kv, tokens, positions, rows, logit_index, x_in, layers_needed)
+        N = tokens.shape[0]
+        logits = torch.empty(N if logit_index is None else logit_index.shape[0], -(-cfg.vocab_size // 16) * 16)
+        hidden = torch.empty(N, cfg.hidden_size) if want_hidden else None
+        return tokens, positions, rows, logit_index, logits, hidden
 
     def _check(self, kv: Tensor, tokens: Tensor, positions: Tensor, rows: Tensor | None, logit_index: Tensor | None,
                x_in: Tensor | None, layers_needed: int) -> None:
@@ -291,7 +301,7 @@ class FusedDecoder:
         cfg = self.model.config
 
         def fail(msg: str) -> None:
-            raise ValueError(f"fused decode step: {msg}")
+            raise ValueError(f"{self.name}: {msg}")
 
         if not self.supports(kv):
             fail(f"the cache must be a contiguous fp32 CPU tensor [layers, rows, S, {self.cache_width}], got "
