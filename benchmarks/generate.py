@@ -97,7 +97,7 @@ def main() -> None:
         questions = get_task(args.mtp_task).take(16, "test")
         results["speculative"] = {}
         for batch, temperature in [(1, 0.0), (16, 0.0), (16, 1.0)]:
-            prompts = [tok.encode(f"Question: {q.question}\nSolution:\n", add_bos=True) for q in questions[:batch]]
+            prompts = [tok.encode_prompt(f"Question: {q.question}\nSolution:\n") for q in questions[:batch]]
             plain, spec, acc = [], [], []
             for r in range(args.repeats):
                 for flag, sink in ((False, plain), (True, spec)):

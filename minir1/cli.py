@@ -102,7 +102,7 @@ def generate(args: argparse.Namespace) -> int:
     from minir1.reasoning import opened_reasoning
     model, tokenizer = load(args.ckpt, device=args.device)
     if args.raw or tokenizer.chat_template is None:
-        ids = tokenizer.encode(args.prompt, add_bos=True)
+        ids = tokenizer.encode_prompt(args.prompt)
         prefix = ""
     else:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])

@@ -28,7 +28,7 @@ def build_prompt(tokenizer: Tokenizer, question: str, template: str = "chat") ->
         ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
         return ids, opened_reasoning(tokenizer, ids)
     if template == "r1-zero":
-        return tokenizer.encode(R1_ZERO_TEMPLATE.format(question=question), add_bos=True), ""
+        return tokenizer.encode_prompt(R1_ZERO_TEMPLATE.format(question=question)), ""
     raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
 
 

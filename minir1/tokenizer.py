@@ -16,7 +16,7 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from minir1 import files
@@ -91,13 +91,20 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _flag(config: dict[str, Any], key: str, where: Path) -> bool | None:
+    value = config.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise TokenizerError(f"{where}: field '{key}' must be true or false, got {value!r}")
+    return value
+
+
 class Tokenizer:
     """Byte-level BPE with DeepSeek-R1's special tokens and chat template."""
 
     def __init__(self, backend: BackendTokenizer, *, chat_template: str | None = CHAT_TEMPLATE,
                  bos_token: str | None = BOS, eos_token: str | None = EOS, pad_token: str | None = PAD,
                  model_max_length: int | None = None, unk_token: str | None = None, source: str = "tokenizer",
-                 add_bos_token: bool = False) -> None:
+                 add_bos_token: bool | None = True) -> None:
         self.backend = backend
         self.unk_token, self.source, self.add_bos_token = unk_token, source, add_bos_token
         self.chat_template = chat_template
@@ -128,6 +135,9 @@ class Tokenizer:
             show_progress=show_progress)
         backend.train_from_iterator(texts, trainer=trainer, length=length)
         backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKER_TOKENS])
+        # Documents start with BOS; the post-processor says so to `transformers` too (it ignores add_bos_token).
+        backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                               special_tokens=[(BOS, backend.token_to_id(BOS))])
         return cls(backend)
 
     # -- ids -----------------------------------------------------------------------------------------
@@ -157,6 +167,15 @@ class Tokenizer:
         """Text -> ids. Special tokens written in the text become their single ids."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Raw text -> the ids a model is prompted with: BOS first when tokenizer_config.json's `add_bos_token`
+        says so; when it says nothing, whatever tokenizer.json's post-processor adds (Llama 3's adds
+        <|begin_of_text|>, Qwen's nothing) — all that `transformers` 5 follows for byte-level tokenizers.
+        `add_eos_token` is not applied: a prompt to be continued never ends its own document."""
+        if self.add_bos_token is None:
+            return self.backend.encode(text, add_special_tokens=True).ids
+        return self.encode(text, add_bos=self.add_bos_token)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -196,9 +215,10 @@ class Tokenizer:
         config: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
-            "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-            "chat_template": self.chat_template,
+            "clean_up_tokenization_spaces": False, "chat_template": self.chat_template,
         }
+        if self.add_bos_token is not None:  # unset: tokenizer.json's post-processor decides, for us as for transformers
+            config.update(add_bos_token=bool(self.add_bos_token and self.bos_token), add_eos_token=False)
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
         (path / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
@@ -241,4 +261,4 @@ class Tokenizer:
                    bos_token=special("bos_token", BOS), eos_token=special("eos_token", EOS),
                    pad_token=special("pad_token", PAD), unk_token=_token_content(config.get("unk_token")),
                    model_max_length=max_len if isinstance(max_len, int) and max_len < 10**9 else None,
-                   source=source, add_bos_token=bool(config.get("add_bos_token", False)))
+                   source=source, add_bos_token=_flag(config, "add_bos_token", cfg_file))

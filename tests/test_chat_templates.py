@@ -108,3 +108,54 @@ def test_a_template_that_raises_is_a_clear_error_naming_the_file(tmp_path):
     with pytest.raises(TokenizerError, match=r"tokenizer_config.json: the chat template failed: a system message "
                                              r"must come first"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}])
+
+
+def _with_bos_config(path: Path, bos: str, add_bos_token: bool | None, post_processor: bool) -> Path:
+    """The llama3 tokenizer with its tokenizer.json post-processor (Llama 3's adds BOS) and tokenizer_config's
+    add_bos_token set as asked (None: the key is absent)."""
+    from tokenizers import processors
+    backend = Backend.from_file(str(path / "tokenizer.json"))
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))]) \
+        if post_processor else None
+    backend.save(str(path / "tokenizer.json"))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.pop("add_bos_token")
+    if add_bos_token is not None:
+        config["add_bos_token"] = add_bos_token
+    (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
+    return path
+
+
+@pytest.mark.parametrize(("add_bos_token", "post_processor", "bos_first"),
+                         [(None, True, True), (None, False, False), (True, False, True), (False, True, False),
+                          (True, True, True)])
+def test_raw_prompts_get_bos_exactly_as_transformers_gives_it(add_bos_token, post_processor, bos_first, tmp_path):
+    """`generate --raw`, /v1/completions and the R1-Zero template encode raw text with tokenizer_config's
+    add_bos_token when given, else as tokenizer.json's post-processor says — which is all that transformers 5
+    follows for byte-level tokenizers, so the two agree except where the field contradicts the post-processor."""
+    from transformers import AutoTokenizer
+    bos = "<|begin_of_text|>"
+    path = _with_bos_config(checkpoint_tokenizer(tmp_path / "t", *TEMPLATES["llama3"]), bos, add_bos_token,
+                            post_processor)
+    ours, theirs = Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    text = "What is 2 + 3? 数学"
+    ids = ours.encode_prompt(text)
+    if add_bos_token is None or add_bos_token == post_processor:
+        assert ids == theirs(text)["input_ids"]
+    assert (ids[0] == ours.bos_id) == bos_first and ids.count(ours.bos_id) == int(bos_first)
+    ours.save_pretrained(tmp_path / "again")  # our save keeps the behaviour, for us and for transformers
+    assert Tokenizer.from_pretrained(tmp_path / "again").encode_prompt(text) == ids
+    if add_bos_token is None or add_bos_token == post_processor:
+        assert AutoTokenizer.from_pretrained(tmp_path / "again")(text)["input_ids"] == ids
+
+
+def test_minir1s_own_tokenizer_prompts_start_with_bos_for_transformers_too(tmp_path):
+    from transformers import AutoTokenizer
+    from minir1.tasks import get_task
+    from minir1.train.pretrain import train_tokenizer
+    tok = train_tokenizer(get_task("arithmetic:digits=1,mul_digits=0"), 320, 0, show_progress=False)
+    tok.save_pretrained(tmp_path)
+    ids = Tokenizer.from_pretrained(tmp_path).encode_prompt("Question: 3 + 4")
+    assert ids[0] == tok.bos_id and ids[1:] == tok.encode("Question: 3 + 4")
+    assert AutoTokenizer.from_pretrained(tmp_path)("Question: 3 + 4")["input_ids"] == ids

@@ -122,3 +122,38 @@ def test_a_deepseek_teacher_distils_into_a_qwen2_student(qwen2_dir, task_tokeniz
     assert sum(r["loss"] for r in rows[-5:]) < 0.6 * sum(r["loss"] for r in rows[:5])
     assert result.data.kept == 40
     assert json.loads((tmp_path / "student" / "config.json").read_text())["model_type"] == "qwen2"
+
+
+def _jsonl(path: Path, answer: str, n: int = 80) -> Path:
+    path.write_text("".join(json.dumps({"question": f"Simplify {k} / {2 * k}.", "answer": answer,
+                                        "solution": "halve it"}) + "\n" for k in range(1, n + 1)))
+    return path
+
+
+def test_a_jsonl_task_checked_by_math_verify_runs_sft_eval_and_grpo_on_a_qwen2_model(qwen2_dir, tmp_path):
+    """Users bring problems as {"question", "answer"} lines. SFT on a file whose answers read \\frac{1}{2}
+    teaches the model to answer that; a second file writes the same answers as \\dfrac{2}{4}, which only
+    math-verify knows to be equal — so held-out pass@1 and GRPO's reward there are above zero only if the
+    whole path (prompt, generation, answer extraction, math-verify) works on a dense model."""
+    from minir1.evaluate import EvalConfig, EvaluateConfig, evaluate_checkpoint
+    from minir1.tasks.jsonl import JsonlTask
+    from minir1.train.grpo import GRPOStageConfig, grpo
+    from minir1.train.loop import TrainConfig
+    from minir1.train.sft import SFTConfig, sft
+    taught = _jsonl(tmp_path / "taught.jsonl", r"\frac{1}{2}")
+    asked = _jsonl(tmp_path / "asked.jsonl", r"\dfrac{2}{4}")
+    sft(SFTConfig(init=str(qwen2_dir), task=f"jsonl:{taught}",
+                  train=TrainConfig(out=str(tmp_path / "sft"), steps=60, lr=3e-3, warmup_steps=3, batch_size=8,
+                                    seq_len=96, progress=False)))
+    n_test = len(JsonlTask(asked)._pool("test"))
+    res = evaluate_checkpoint(EvaluateConfig(ckpt=str(tmp_path / "sft"), task=f"jsonl:{asked}", save=False,
+                                             eval=EvalConfig(n=n_test, max_new_tokens=64)))
+    assert res["problems_distinct"] == n_test > 0
+    assert res["pass@1"] >= 0.5, res
+    cfg = GRPOStageConfig(init=str(tmp_path / "sft"), task=f"jsonl:{asked}")
+    cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.grpo.max_new_tokens = 2, 4, 64
+    cfg.grpo.temperature = 0.6
+    cfg.train.out, cfg.train.steps, cfg.train.progress = str(tmp_path / "grpo"), 2, False
+    grpo(cfg)
+    rows = metrics(tmp_path / "grpo")
+    assert len(rows) == 2 and max(r["accuracy"] for r in rows) >= 0.25, rows

@@ -70,7 +70,7 @@ def test_transformers_reads_ours_with_identical_ids(tiny_tokenizer, tmp_path):
     rng = random.Random(1)
     for text in ["3 + 4 = 7", "<think>\nab</think><answer>9</answer>", *(random_text(rng, 40) for _ in range(50))]:
         assert hf.encode(text, add_special_tokens=False) == tiny_tokenizer.encode(text)
-        assert hf.encode(text) == tiny_tokenizer.encode(text)
+        assert hf.encode(text) == tiny_tokenizer.encode_prompt(text) == [tiny_tokenizer.bos_id, *hf.encode(text)[1:]]
         ids = tiny_tokenizer.encode(text)
         assert hf.decode(ids) == tiny_tokenizer.decode(ids)
     for gen in (True, False):

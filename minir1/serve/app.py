@@ -344,7 +344,7 @@ async def completions(service: Service, body: CompletionRequest, request: Reques
     else:
         text = body.prompt
     service.check_length([text], "prompt")
-    prompt = await asyncio.to_thread(service.tokenizer.encode, text, add_bos=True)
+    prompt = await asyncio.to_thread(service.tokenizer.encode_prompt, text)
     context = service.context
     params = service.sampling(body, len(prompt), body.max_tokens or min(16, max(context - len(prompt), 1)))
     req, q = await service.submit(prompt, params)

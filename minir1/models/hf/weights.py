@@ -24,6 +24,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_FILE_PATTERNS = (WEIGHTS_FILE, INDEX_FILE, "model-*-of-*.safetensors")  # a save replaces all of these
+_FINITE_CHUNK = 1 << 22  # elements per slice of the finiteness check
 
 
 # --------------------------------------------------------------------------------------------------
@@ -47,7 +48,12 @@ def check_finite(name: str, t: Tensor, where: str, hint: str = "") -> None:
     """Raise CheckpointError if a floating tensor holds a NaN or an infinity, naming it."""
     if not t.is_floating_point():
         return
-    bad = int((~torch.isfinite(t)).sum())
+    # In slices: a whole-tensor mask (and the int64 sum of it) would be a temporary larger than a bf16
+    # embedding matrix itself, and loading must stay within ~1x the model's size.
+    flat = t.reshape(-1)
+    if all(bool(torch.isfinite(flat[i:i + _FINITE_CHUNK]).all()) for i in range(0, flat.numel(), _FINITE_CHUNK)):
+        return
+    bad = sum(int((~torch.isfinite(flat[i:i + _FINITE_CHUNK])).sum()) for i in range(0, flat.numel(), _FINITE_CHUNK))
     if bad:
         raise CheckpointError(f"{where}: tensor '{name}' has {bad} non-finite value(s) (NaN or infinity){hint}")
 
