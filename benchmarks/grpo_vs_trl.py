@@ -1,6 +1,8 @@
 """GRPO step speed: minir1 against TRL's GRPOTrainer (no vLLM) on the same checkpoint and the same work.
 
-One random tiny DeepseekV3 checkpoint written by minir1 (which `transformers` loads); the same prompts
+One random tiny checkpoint — `--family deepseek_v3` (default): the training-step benchmark's DeepseekV3
+shape, written by minir1 (which `transformers` loads); `--family qwen2`: a dense Qwen2 model of about the same
+size (hidden 256, 4 layers, 4 heads, 2 KV heads, intermediate 768, tied), written by `transformers` — the same prompts
 (arithmetic questions in the chat template, which opens `<think>`); G = 8 completions for each of
 2 prompts per step, at most 64 new tokens sampled at temperature 1; the same reward (R1's format +
 accuracy); the same loss (`dapo`, TRL's default), beta = 0, mu = 1, AdamW at the same learning rate, fp32.
@@ -9,7 +11,7 @@ median over repeats is reported: seconds per step and completion tokens per seco
 time (generation, scoring and the update).
 
     pip install -e '.[bench]'      # installs TRL
-    python benchmarks/grpo_vs_trl.py [--repeats 5] [--steps 4] [--json out.json]
+    python benchmarks/grpo_vs_trl.py [--family deepseek_v3|qwen2] [--repeats 5] [--steps 4] [--json out.json]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 
 from minir1 import Transformer
+from minir1.checkpoint import load_model
 from minir1.models.hf.deepseek_v3 import config_from_hf
 from minir1.prompting import build_prompt
 from minir1.rewards import accuracy_reward, format_reward
@@ -44,14 +47,20 @@ TASK = "arithmetic:digits=2,mul_digits=0"
 P, G, MAX_NEW, LR = 2, 8, 64, 1e-5
 
 
-def make_checkpoint(path: Path) -> None:
-    """A random model with the foundation benchmark's shape and a tokenizer trained on the task."""
+def make_checkpoint(path: Path, family: str = "deepseek_v3") -> None:
+    """A random model of `family` and a tokenizer trained on the task."""
     tokenizer = train_tokenizer(get_task(TASK), vocab_size=512, show_progress=False)
-    cfg = hf_config()
-    cfg.vocab_size = tokenizer.vocab_size
     torch.manual_seed(0)
-    model = Transformer(config_from_hf(cfg.to_dict()))
-    model.save_pretrained(path)
+    if family == "deepseek_v3":  # the foundation benchmark's shape, written by minir1
+        cfg = hf_config()
+        cfg.vocab_size = tokenizer.vocab_size
+        Transformer(config_from_hf(cfg.to_dict())).save_pretrained(path)
+    else:  # a dense Qwen2 model of about the same size, written by transformers
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=tokenizer.vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)).save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 
@@ -64,7 +73,7 @@ def reward(response: str, answer: str, task) -> float:
 def minir1_steps(ckpt: Path, steps: int, out: Path) -> tuple[list[float], list[float]]:
     """Seconds per GRPO step and completion tokens per step, from the run's own metrics."""
     task = get_task(TASK)
-    tokenizer, model = Tokenizer.from_pretrained(ckpt), Transformer.from_pretrained(ckpt)
+    tokenizer, model = Tokenizer.from_pretrained(ckpt), load_model(ckpt)
     gcfg = GRPOConfig(prompts_per_step=P, group_size=G, max_new_tokens=MAX_NEW, loss="dapo", template="chat")
     stage = GRPOStage(task, tokenizer, gcfg, micro_batch_size=P * G)
     cfg = TrainConfig(out=str(out), steps=steps + 1, batch_size=P * G, lr=LR, warmup_steps=0, schedule="constant",
@@ -120,17 +129,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per repeat (after one warm-up step)")
+    ap.add_argument("--family", choices=("deepseek_v3", "qwen2"), default="deepseek_v3")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     results: dict = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                      "torch": torch.__version__, "prompts_per_step": P, "group_size": G, "max_new_tokens": MAX_NEW,
-                     "repeats": []}
+                     "family": args.family, "repeats": []}
     with tempfile.TemporaryDirectory() as d:
         ckpt = Path(d) / "ckpt"
-        make_checkpoint(ckpt)
-        results["params"] = Transformer.from_pretrained(ckpt).num_parameters()["total"]
+        make_checkpoint(ckpt, args.family)
+        results["params"] = sum(p.numel() for p in load_model(ckpt).parameters())
         for r in range(args.repeats):
             row = {}
             for name, fn in (("minir1", minir1_steps), ("trl", trl_steps)):

@@ -2,7 +2,8 @@
 
     tokenizer -> pretrain (MLA + MoE + MTP) -> cold-start SFT (R1 §2.3.1) -> GRPO (§2.2, §2.3.2)
       -> rejection sampling + SFT on the verified samples (§2.3.3) -> final
-    student (about 4x smaller): pretrain -> SFT on the teacher's verified traces (distillation, §2.4)
+    student (a dense Qwen2 model, about 5x smaller): pretrain -> SFT on the teacher's verified traces
+                                         (distillation, §2.4: R1's students are dense Qwen2/Llama models)
                                          -> cold-start SFT + GRPO with the teacher's budget (§4.1's comparison)
 
 Every stage is one of minir1's stage functions (the ones the CLI's commands call), given its typed config;
@@ -42,7 +43,8 @@ class SpeedrunConfig:
     out: str = "runs/speedrun"
     task: str = "arithmetic:digits=1,mul_digits=0"   # one-digit + and −, worked by counting
     vocab_size: int = 384
-    model_preset: str = "tiny"       # the teacher; the student halves every width (about 4x fewer parameters)
+    model_preset: str = "tiny"       # the teacher; the student halves every width (about 5x fewer parameters)
+    student_family: str = "qwen2"    # dense, as R1's distilled students; or deepseek_v3, or llama / qwen3
     hidden_size: int = 128
     batch_size: int = 8
     seq_len: int = 128
@@ -93,8 +95,12 @@ class SpeedrunConfig:
 
     def validate(self) -> None:
         """Check the settings before the first stage runs, not half-way through the recipe."""
+        from minir1.models.dense import FAMILIES
         from minir1.tasks import get_task
         get_task(self.task)
+        if self.student_family not in ("deepseek_v3", *FAMILIES):
+            raise ValueError(f"student_family {self.student_family!r}: choose deepseek_v3 or one of "
+                             f"{', '.join(FAMILIES)}")
         GRPOConfig(prompts_per_step=self.prompts_per_step, group_size=self.group_size,
                    max_new_tokens=self.max_new_tokens).validate()
         counts = {k: getattr(self, k) for k in ("pretrain_steps", "student_pretrain_steps", "sft_steps", "grpo_steps",
@@ -108,6 +114,9 @@ class SpeedrunConfig:
         """The student's model settings: the teacher's preset at half the width."""
         from minir1.models.deepseek_v3 import ModelConfig
         t = ModelConfig.from_preset(self.model_preset, hidden_size=self.hidden_size, vocab_size=self.vocab_size)
+        if self.student_family != "deepseek_v3":  # dense: only the widths a dense model has
+            return {"hidden_size": t.hidden_size // 2, "num_attention_heads": max(1, t.num_attention_heads // 2),
+                    "intermediate_size": t.intermediate_size // 2}
         half = {"hidden_size": t.hidden_size // 2, "num_attention_heads": max(1, t.num_attention_heads // 2),
                 "intermediate_size": t.intermediate_size // 2, "moe_intermediate_size": t.moe_intermediate_size // 2,
                 "kv_lora_rank": max(8, t.kv_lora_rank // 2)}
@@ -142,7 +151,8 @@ class Recipe:
     def pretrain(self, out: str, student: bool = False) -> PretrainConfig:
         c = self.cfg
         model = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, **(c.student_overrides() if student else {})}
-        base = PretrainConfig(task=c.task, preset=c.model_preset, model=model, tokenizer=self.path("tokenizer"))
+        base = PretrainConfig(task=c.task, preset=c.model_preset, model=model, tokenizer=self.path("tokenizer"),
+                              family=c.student_family if student else "deepseek_v3")
         steps = c.student_pretrain_steps if student else c.pretrain_steps
         return replace(base, train=self.train(base.train, out, steps, c.pretrain_lr))
 

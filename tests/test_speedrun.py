@@ -28,7 +28,9 @@ def test_every_stage_and_artefact(run_dir):
             assert 0 <= row[key] <= (1 if key != "mean_thinking_tokens" else 1e9), (key, row)
     assert set(report["parameters"]) == {"teacher", "student"}
     teacher, student = report["parameters"]["teacher"], report["parameters"]["student"]
-    assert 3 <= teacher["total"] / student["total"] <= 5, "the student is about 4x smaller"
+    assert 3 <= teacher["total"] / student["total"] <= 7, "the student is about 5x smaller"
+    for d in ("student_base", "student_distill", "student_grpo"):  # a dense student, as R1's (§2.4)
+        assert json.loads((run_dir / d / "config.json").read_text())["model_type"] == "qwen2", d
     assert teacher["activated"] < teacher["total"]
     for key in ("cpu", "threads", "torch", "git_commit"):
         assert report["environment"][key]
@@ -50,6 +52,18 @@ def test_transformers_loads_the_final_checkpoint_with_the_same_logits(run_dir):
     from minir1 import Transformer
     theirs = AutoModelForCausalLM.from_pretrained(run_dir / "final").eval()
     ours = Transformer.from_pretrained(run_dir / "final").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_transformers_loads_the_dense_student_with_the_same_logits(run_dir):
+    from transformers import AutoModelForCausalLM
+
+    from minir1.checkpoint import load_model
+    theirs = AutoModelForCausalLM.from_pretrained(run_dir / "student_distill").eval()
+    ours = load_model(run_dir / "student_distill").eval()
+    assert type(theirs).__name__ == "Qwen2ForCausalLM"
     ids = torch.randint(0, ours.config.vocab_size, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)

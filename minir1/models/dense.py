@@ -123,6 +123,31 @@ class DenseConfig:
     def replace(self, **changes: Any) -> DenseConfig:
         return replace(self, **changes)
 
+    @classmethod
+    def from_preset(cls, model_type: str, preset: str, **overrides: Any) -> DenseConfig:
+        """A new dense model of `model_type` at the widths of a DeepSeek-V3 preset (minir1/models/deepseek_v3.py):
+        its vocabulary, hidden size, layers, heads, dense feed-forward width and context, with half as many
+        key/value heads as query heads (GQA), tied embeddings, and each family's own fields (Qwen2's q/k/v
+        biases, Qwen3's q/k norms). `overrides` are DenseConfig fields."""
+        from minir1.models.deepseek_v3 import PRESETS
+        if model_type not in FAMILIES:
+            raise ConfigError(f"unknown dense family {model_type!r}; choose one of {', '.join(FAMILIES)}")
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        known = {f for f in cls.__dataclass_fields__}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: not a field of a dense {model_type} model (MLA and MoE settings "
+                              "belong to deepseek_v3)")
+        t = {**PRESETS[preset], **{k: v for k, v in overrides.items() if k in PRESETS[preset]}}
+        heads = overrides.get("num_attention_heads", t["num_attention_heads"])
+        base = dict(model_type=model_type, vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
+                    intermediate_size=t["intermediate_size"], num_hidden_layers=t["num_hidden_layers"],
+                    num_attention_heads=heads, num_key_value_heads=max(1, heads // 2) if heads % 2 == 0 else heads,
+                    max_position_embeddings=t["max_position_embeddings"], rms_norm_eps=1e-6,
+                    tie_word_embeddings=True, qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3")
+        return cls(**{**base, **overrides})
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

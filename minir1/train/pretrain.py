@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minir1.models.base import CausalLM
-from minir1.models.deepseek_v3 import ModelConfig, Transformer
+from minir1.models.deepseek_v3 import ModelConfig
+from minir1.models.dense import DenseConfig
+from minir1.models.hf import build_model
 from minir1.prompting import r1_response
 from minir1.tasks import Problem, Task, is_heldout
 from minir1.tokenizer import Tokenizer
@@ -106,6 +108,8 @@ class PretrainConfig:
     task: str | None = field(default=None, metadata={"help": "arithmetic[:digits=N,operands=N], countdown, "
                                                              "or jsonl:PATH"})
     preset: str = field(default="tiny", metadata={"help": "model preset to start from (default: tiny)"})
+    family: str = field(default="deepseek_v3", metadata={
+        "help": "deepseek_v3 (MLA, MoE, MTP), or a dense family (llama, qwen2, qwen3) at the preset's widths"})
     model: dict[str, Any] = field(default_factory=dict, metadata={"fields_of": ModelConfig})  # preset overrides
     tokenizer: str | None = field(default=None, metadata={"help": "a tokenizer directory (default: train one "
                                                                   "on the task)"})
@@ -114,14 +118,19 @@ class PretrainConfig:
 
 
 def pretrain(cfg: PretrainConfig) -> TrainResult:
-    """Pretrain a new DeepSeek-V3 model (MLA, MoE, MTP) on the task's documents; its tokenizer is trained on
-    the task unless one is given (a resumed run continues with its checkpoint's)."""
+    """Pretrain a new model on the task's documents: DeepSeek-V3 (MLA, MoE, MTP), or with `family` a dense
+    Llama/Qwen2/Qwen3 model at the preset's widths (as R1's distilled students are, §2.4). Its tokenizer is
+    trained on the task unless one is given (a resumed run continues with its checkpoint's)."""
     from minir1.tasks import get_task
     if not cfg.task:
         raise ValueError("pretrain needs --task (arithmetic, countdown or jsonl:PATH)")
     task = get_task(cfg.task)
     tc = prepare(cfg.train)
-    model_cfg = ModelConfig.from_preset(cfg.preset, **{k: v for k, v in cfg.model.items() if k != "model_type"})
+    overrides = {k: v for k, v in cfg.model.items() if k != "model_type"}
+    if cfg.family == "deepseek_v3":
+        model_cfg: ModelConfig | DenseConfig = ModelConfig.from_preset(cfg.preset, **overrides)
+    else:
+        model_cfg = DenseConfig.from_preset(cfg.family, cfg.preset, **overrides)
     if cfg.tokenizer:
         tokenizer = Tokenizer.from_pretrained(cfg.tokenizer)
     else:
@@ -134,6 +143,6 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     model_cfg = model_cfg.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                                   pad_token_id=tokenizer.pad_id)
     torch.manual_seed(tc.seed)
-    model = Transformer(model_cfg)
+    model = build_model(model_cfg)
     stage = PretrainStage(task, tokenizer, tc.seq_len, tc.micro_batch_size or tc.batch_size, tc.seed, cfg.mtp_weight)
     return train(model, tokenizer, stage, tc)
