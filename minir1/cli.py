@@ -305,8 +305,10 @@ def evaluate_cmd(cfg: Any) -> int:
     res = evaluate_checkpoint(cfg)
     k = cfg.eval.samples
     at_k = f"pass@{k} {res[f'pass@{k}']:.3f}  maj@{k} {res[f'maj@{k}']:.3f}  " if k > 1 else ""
-    print(f"{res['task']}: {res['problems']} held-out problems x {k} sample(s): pass@1 {res['pass@1']:.3f}  "
-          f"{at_k}format {res['format_rate']:.3f}  mean length {res['mean_completion_tokens']:.1f} tokens")
+    lo, hi = res["pass@1_ci95"]
+    print(f"{res['task']}: {res['problems_distinct']} distinct held-out problems x {k} sample(s): pass@1 "
+          f"{res['pass@1']:.3f} (95% CI {lo:.3f}-{hi:.3f})  {at_k}format {res['format_rate']:.3f}  "
+          f"mean length {res['mean_completion_tokens']:.1f} tokens")
     if cfg.save:
         print(f"written to {cfg.out_path()}")
     return 0

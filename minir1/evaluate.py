@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from minir1.engine import Engine, SamplingParams
 from minir1.models.base import CausalLM
 from minir1.prompting import build_prompt
 from minir1.rewards import accuracy_reward, extract_answer, format_reward, normalise_text, parse_number, parse_response
+from minir1.stats import majority_correct, pass_at_k, wilson
 from minir1.tasks import Task
 from minir1.tokenizer import Tokenizer
 
@@ -30,13 +29,6 @@ class EvalConfig:
                                                            "them all instead of failing"})
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al., 2021)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
-
-
 def _vote_key(answer: str) -> str:
     value = parse_number(answer)
     return f"num:{value}" if value is not None else f"text:{normalise_text(answer)}"
@@ -45,7 +37,7 @@ def _vote_key(answer: str) -> str:
 def evaluate(model: CausalLM, tokenizer: Tokenizer, task: Task, cfg: EvalConfig | None = None) -> dict[str, Any]:
     cfg = cfg or EvalConfig()
     # Distinct problems: a held-out figure over n problems means n different ones.
-    problems = task.take(cfg.n, "test", cfg.seed, distinct=True, at_most=cfg.at_most)
+    problems = task.take(cfg.n, "test", cfg.seed, at_most=cfg.at_most)
     temperature = cfg.temperature if cfg.temperature is not None else (0.0 if cfg.samples == 1 else 0.6)
     prompts, opened = zip(*(build_prompt(tokenizer, p.question, cfg.template) for p in problems))
     engine = Engine(model, tokenizer)
@@ -65,24 +57,24 @@ def evaluate(model: CausalLM, tokenizer: Tokenizer, task: Task, cfg: EvalConfig 
             "thinking_tokens": len(tokenizer.encode(parsed[0])) if parsed else None,
         })
     k = cfg.samples
-    pass1 = sum(sum(s["correct"] for s in ss) / k for ss in per_problem) / len(problems)
+    per_problem_pass1 = [sum(s["correct"] for s in ss) / k for ss in per_problem]
+    pass1 = sum(per_problem_pass1) / len(problems)
     passk = sum(pass_at_k(k, sum(s["correct"] for s in ss), k) for ss in per_problem) / len(problems)
-    maj = 0
-    for ss in per_problem:
-        votes = Counter(_vote_key(s["answer"]) for s in ss if s["answer"] is not None)
-        if votes:
-            top = votes.most_common(1)[0][0]
-            winner = next(s for s in ss if s["answer"] is not None and _vote_key(s["answer"]) == top)
-            maj += winner["correct"]
+    maj = sum(majority_correct([(_vote_key(s["answer"]), s["correct"]) for s in ss if s["answer"] is not None])
+              for ss in per_problem)
     samples = [s for ss in per_problem for s in ss]
     thinking = [s["thinking_tokens"] for s in samples if s["thinking_tokens"] is not None]
+    n = len(problems)
     return {
-        "task": getattr(task, "spec", task.name), "problems": len(problems),
-        "problems_distinct": len({p.question for p in problems}), "samples": k,
-        "temperature": temperature, "pass@1": pass1, f"pass@{k}": passk, f"maj@{k}": maj / len(problems),
+        "task": getattr(task, "spec", task.name), "problems": n,
+        "problems_distinct": len({task.canonical(p.question) for p in problems}), "samples": k,
+        "temperature": temperature, "pass@1": pass1, "pass@1_ci95": list(wilson(pass1 * n, n)),
+        f"pass@{k}": passk, f"maj@{k}": maj / n, f"maj@{k}_ci95": list(wilson(maj, n)),
         "format_rate": sum(s["format"] for s in samples) / len(samples),
         "mean_completion_tokens": sum(s["length"] for s in samples) / len(samples),
         "mean_thinking_tokens": sum(thinking) / len(thinking) if thinking else 0.0,
+        "per_problem": [{"question": p.question, "answer": p.answer, "pass@1": r}
+                        for p, r in zip(problems, per_problem_pass1)],
         "examples": [{"question": p.question, "answer": p.answer, "response": opened[i] + completions[i * k].text}
                      for i, p in enumerate(problems[:3])],
     }

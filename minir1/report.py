@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from minir1.stats import excludes_zero, paired_bootstrap, wilson
+
 STAGE_ROWS = ("base", "sft", "grpo", "rs_sft", "student_distill", "student_grpo")
 DESCRIPTIONS = {
     "base": "pretrained teacher, no fine-tuning",
@@ -112,6 +114,31 @@ def plot(out: Path) -> list[str]:
     return written
 
 
+# Each finding: (stage, the stage it is compared with, what R1 reports).
+FINDINGS = {
+    "grpo_minus_sft": ("grpo", "sft", "RL on the cold-start model lifts held-out pass@1 by 10 points or more "
+                                      "(R1 §2.3)"),
+    "distilled_minus_rl_student": ("student_distill", "student_grpo", "the distilled student beats the same-size "
+                                                                      "student trained by RL alone (R1 §4.1)"),
+}
+
+
+def finding(stages: dict[str, Any], a: str, b: str, claim: str) -> dict[str, Any] | None:
+    """pass@1 of stage `a` minus stage `b`, in points, with a paired bootstrap 95% interval over the held-out
+    problems both were evaluated on (the same problems, in the same order)."""
+    ea, eb = stages.get(a, {}).get("eval"), stages.get(b, {}).get("eval")
+    if not ea or not eb:
+        return None
+    pa, pb = ea.get("per_problem"), eb.get("per_problem")
+    if not pa or not pb or [x["question"] for x in pa] != [x["question"] for x in pb]:
+        return {"claim": claim, "difference_points": 100 * (ea["pass@1"] - eb["pass@1"]), "ci95": None,
+                "reproduced": False, "note": "the two stages were not evaluated on the same problems"}
+    diff, (lo, hi) = paired_bootstrap([x["pass@1"] for x in pa], [x["pass@1"] for x in pb])
+    return {"claim": claim, "stages": [a, b], "problems_distinct": ea.get("problems_distinct", len(pa)),
+            "difference_points": 100 * diff, "ci95": [100 * lo, 100 * hi], "reproduced": excludes_zero((lo, hi))
+            and diff > 0}
+
+
 def write_report(out: Path, state: dict[str, Any]) -> dict[str, Any]:
     out = Path(out)
     stages = state["stages"]
@@ -121,18 +148,21 @@ def write_report(out: Path, state: dict[str, Any]) -> dict[str, Any]:
     for name in STAGE_ROWS:
         e = stages.get(name, {}).get("eval")
         if e:
-            rows[name] = {"pass@1": e["pass@1"], f"maj@{k}": e.get(f"maj@{k}"), f"pass@{k}": e.get(f"pass@{k}"),
+            n = e["problems"]
+            ci = e.get("pass@1_ci95") or list(wilson(e["pass@1"] * n, n))
+            rows[name] = {"pass@1": e["pass@1"], "pass@1_ci95": ci,
+                          f"maj@{k}": e.get(f"maj@{k}"), f"pass@{k}": e.get(f"pass@{k}"),
                           "format_rate": e["format_rate"], "mean_thinking_tokens": e["mean_thinking_tokens"],
-                          "mean_completion_tokens": e["mean_completion_tokens"], "problems": e["problems"],
-                          "samples": e["samples"], "temperature": e["temperature"]}
+                          "mean_completion_tokens": e["mean_completion_tokens"], "problems": n,
+                          "problems_distinct": e.get("problems_distinct", n), "samples": e["samples"],
+                          "temperature": e["temperature"]}
     params = {name: parameter_counts(out / d) for name, d in (("teacher", "base"), ("student", "student_base"))
               if (out / d / "config.json").is_file()}
     findings = {}
-    if "grpo" in rows and "sft" in rows:
-        findings["grpo_gain_points"] = 100 * (rows["grpo"]["pass@1"] - rows["sft"]["pass@1"])
-    if "student_distill" in rows and "student_grpo" in rows:
-        findings["distill_minus_grpo_student_points"] = 100 * (rows["student_distill"]["pass@1"]
-                                                              - rows["student_grpo"]["pass@1"])
+    for key, (a, b, claim) in FINDINGS.items():
+        f = finding(stages, a, b, claim)
+        if f is not None:
+            findings[key] = f
     report = {
         "environment": environment(),
         "config": cfg,
@@ -155,10 +185,12 @@ def write_report(out: Path, state: dict[str, Any]) -> dict[str, Any]:
 def render_markdown(r: dict[str, Any]) -> str:
     env, cfg = r["environment"], r["config"]
     k = cfg.get("eval_samples", 1)
-    problems = next(iter(r["stages"].values()), {}).get("problems", "?")
+    problems = next(iter(r["stages"].values()), {}).get("problems_distinct", "?")
     lines = ["# minir1 speedrun report", "",
              f"Task `{cfg.get('task')}`; held-out pass@1 is the mean over {k} samples per problem at temperature "
-             f"0.6 (R1's definition), maj@{k} their majority vote; {problems} held-out problems per stage.", "",
+             f"0.6 (R1's definition), maj@{k} their majority vote; {problems} distinct held-out problems per stage "
+             "(listed in `heldout.jsonl`), the same for every stage; intervals are 95% (Wilson for a pass@1, paired "
+             "bootstrap for a difference).", "",
              "## Environment", "",
              f"- {env['cpu']} ({env['cpu_count']} cores, {env['threads']} torch threads)"
              + (f", GPU {env['gpu']}" if env["gpu"] else ", no GPU"),
@@ -168,19 +200,26 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines.append(f"- {name}: {p['total'] / 1e6:.2f}M parameters, {p['activated'] / 1e6:.2f}M activated per "
                      f"token, + {p['mtp'] / 1e6:.2f}M in the MTP module")
     lines += ["", "## Held-out results by stage", "",
-              f"| stage | what | pass@1 | maj@{k} | format rate | mean thinking tokens |", "|---|---|---|---|---|---|"]
+              f"| stage | what | pass@1 | 95% CI | maj@{k} | format rate | mean thinking tokens |",
+              "|---|---|---|---|---|---|---|"]
     for name, row in r["stages"].items():
         maj = row.get(f"maj@{k}")
-        lines.append(f"| `{name}` | {DESCRIPTIONS[name]} | {row['pass@1']:.3f} | "
+        lo, hi = row["pass@1_ci95"]
+        lines.append(f"| `{name}` | {DESCRIPTIONS[name]} | {row['pass@1']:.3f} | {lo:.3f}–{hi:.3f} | "
                      f"{'' if maj is None else f'{maj:.3f}'} | {row['format_rate']:.3f} | "
                      f"{row['mean_thinking_tokens']:.1f} |")
     f = r["findings"]
     lines.append("")
-    if "grpo_gain_points" in f:
-        lines.append(f"- GRPO changed held-out pass@1 by **{f['grpo_gain_points']:+.1f} points** over its SFT start.")
-    if "distill_minus_grpo_student_points" in f:
-        lines.append(f"- The distilled student is **{f['distill_minus_grpo_student_points']:+.1f} points** against the "
-                     "same-size student trained by GRPO without a teacher (R1 §4.1).")
+    if f:
+        lines += ["## Findings", "",
+                  "Each is a difference of held-out pass@1 in points, with a 95% paired bootstrap interval over the "
+                  "same held-out problems; it counts as reproduced only when the interval excludes zero.", ""]
+    for key, x in f.items():
+        ci = x.get("ci95")
+        ci_text = f"95% CI [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "no interval: " + x.get("note", "")
+        verdict = "reproduced" if x["reproduced"] else "**not** reproduced"
+        lines.append(f"- `{key}`: **{x['difference_points']:+.1f} points**, {ci_text} — {verdict}. R1: {x['claim']}.")
+    lines.append("")
     for name, d in r["data"].items():
         lines.append(f"- {name.replace('_', ' ')}: kept {d['kept']} of {d['sampled']} samples (verified answer, "
                      "valid format, no duplicates).")

@@ -35,6 +35,7 @@ from minir1.train.sample import SampleConfig, sample
 from minir1.train.sft import SFTConfig, sft
 
 STATE = "speedrun_state.json"
+HELDOUT = "heldout.jsonl"  # the exact held-out problems every stage was evaluated on
 EVALUATED = ("base", "sft", "grpo", "rs_sft", "student_distill", "student_grpo")
 
 
@@ -233,7 +234,14 @@ class Speedrun:
 
     # -- pieces -------------------------------------------------------------------------------------------
     def evaluate(self, ckpt: str) -> dict[str, Any]:
+        """Held-out evaluation; every stage is evaluated on the same problems, written to heldout.jsonl."""
         res = evaluate_checkpoint(self.recipe.evaluation(ckpt))
+        heldout = "".join(json.dumps({"question": x["question"], "answer": x["answer"]}, ensure_ascii=False) + "\n"
+                          for x in res["per_problem"])
+        path = self.out / HELDOUT
+        if path.is_file() and path.read_text() != heldout:
+            raise TrainingError(f"{path}: stage {ckpt} was evaluated on other problems than the earlier stages")
+        path.write_text(heldout)
         return {k: v for k, v in res.items() if k != "examples"} | {"example": res["examples"][0]}
 
     def trained(self, fn: Callable[[Any], Any], cfg: Any, evaluate: bool = True) -> dict[str, Any]:

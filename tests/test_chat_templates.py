@@ -152,6 +152,7 @@ def test_raw_prompts_get_bos_exactly_as_transformers_gives_it(add_bos_token, pos
 
 def test_minir1s_own_tokenizer_prompts_start_with_bos_for_transformers_too(tmp_path):
     from transformers import AutoTokenizer
+
     from minir1.tasks import get_task
     from minir1.train.pretrain import train_tokenizer
     tok = train_tokenizer(get_task("arithmetic:digits=1,mul_digits=0"), 320, 0, show_progress=False)

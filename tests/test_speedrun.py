@@ -23,9 +23,18 @@ def run_dir(tmp_path_factory):
 def test_every_stage_and_artefact(run_dir):
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["stages"]) == set(STAGE_ROWS)
+    heldout = [json.loads(x) for x in (run_dir / "heldout.jsonl").read_text().splitlines()]
     for row in report["stages"].values():
         for key in ("pass@1", "maj@2", "format_rate", "mean_thinking_tokens"):
             assert 0 <= row[key] <= (1 if key != "mean_thinking_tokens" else 1e9), (key, row)
+        lo, hi = row["pass@1_ci95"]
+        assert 0 <= lo <= row["pass@1"] <= hi <= 1 and hi > lo
+        assert row["problems_distinct"] == row["problems"] == len(heldout)
+    assert len({h["question"] for h in heldout}) == len(heldout) and all(h["answer"] for h in heldout)
+    assert set(report["findings"]) == {"grpo_minus_sft", "distilled_minus_rl_student"}
+    for f in report["findings"].values():
+        lo, hi = f["ci95"]
+        assert lo <= f["difference_points"] <= hi and f["reproduced"] == (lo > 0)
     assert set(report["parameters"]) == {"teacher", "student"}
     teacher, student = report["parameters"]["teacher"], report["parameters"]["student"]
     assert 3 <= teacher["total"] / student["total"] <= 7, "the student is about 5x smaller"

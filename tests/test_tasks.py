@@ -17,8 +17,35 @@ def test_generators_are_seeded_and_splits_disjoint(spec):
     a, b = task.take(50, "train", seed=1), task.take(50, "train", seed=1)
     assert a == b and a != task.take(50, "train", seed=2)
     test = task.take(50, "test")
-    assert all(is_heldout(p.question) for p in test) and not any(is_heldout(p.question) for p in a)
-    assert not {p.question for p in a} & {p.question for p in test}
+    assert all(task.heldout(p) for p in test) and not any(task.heldout(p) for p in a)
+    assert not {task.canonical(p.question) for p in a} & {task.canonical(p.question) for p in test}
+
+
+@pytest.mark.parametrize("spec", ["arithmetic:digits=3,mul_digits=1", "arithmetic:digits=2,operands=3",
+                                  "arithmetic:digits=1,mul_digits=0", "countdown"])
+def test_take_returns_distinct_problems_and_no_test_problem_has_a_twin_in_training(spec):
+    task = get_task(spec)
+    n = 24 if spec == "arithmetic:digits=1,mul_digits=0" else 500  # one-digit +/-: 24 held-out problems in all
+    test = task.take(n, "test")
+    keys = [task.canonical(p.question) for p in test]
+    assert len(test) == n and len(set(keys)) == n
+    train = {task.canonical(p.question) for p in task.take(3000 if n == 500 else 100, "train", at_most=True)}
+    assert not train & set(keys)
+    stream = task.problems("train", seed=3)  # what training draws, over a large sample
+    assert not any(task.canonical(next(stream).question) in set(keys) for _ in range(20_000))
+    with pytest.raises(TaskError, match="distinct problems; asked for"):
+        get_task("arithmetic:digits=1,mul_digits=0").take(25, "test")
+
+
+def test_commuted_questions_are_one_problem():
+    task = get_task("arithmetic:digits=2,operands=3")
+    assert task.canonical("What is 3 + 5?") == task.canonical("What is 5 + 3?")
+    assert task.canonical("What is 5 - 3?") != task.canonical("What is 3 - 5?")
+    assert task.canonical("What is 2 × 7 + 4 - 1?") == task.canonical("What is 4 - 1 + 7 × 2?")
+    assert task.canonical("What is 2 × 7 + 4?") != task.canonical("What is 2 + 7 × 4?")
+    one = get_task("arithmetic:digits=1,mul_digits=0")
+    questions = {p.question for p in one.take(200, "train", at_most=True) + one.take(50, "test", at_most=True)}
+    assert sum(1 for q in questions if one.canonical(q) == one.canonical("What is 3 + 5?")) <= 2
 
 
 def test_arithmetic_solutions_are_correct_and_think_before_answering():
@@ -64,8 +91,11 @@ def test_jsonl_task(tmp_path):
     rows.append({"question": "Half of one?", "answer": "\\frac{1}{2}"})
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     task = get_task(f"jsonl:{path}")
-    train, test = task.take(500, "train"), task.take(500, "test")
+    train, test = task.take(500, "train", at_most=True), task.take(500, "test", at_most=True)
     assert len(test) == sum(is_heldout(r["question"]) for r in rows)  # one pass, no repeats
+    assert len(task.take(3, "test")) == 3
+    with pytest.raises(TaskError, match=f"the test split has {len(test)} distinct problems; asked for 500"):
+        task.take(500, "test")
     assert not {p.question for p in train} & {p.question for p in test}
     assert task.check("42.0", "42") and task.check("0.5", "\\frac{1}{2}") and not task.check("41", "42")
 

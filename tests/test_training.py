@@ -252,8 +252,9 @@ def test_malformed_sft_data_names_file_and_line(tmp_path, tokenizer_dir):
 
 def test_pretrain_sft_grpo_and_rejection_sampling_end_to_end(tmp_path, capsys):
     """The tiny preset on one-digit +/−: a few hundred CPU steps of pretraining drop the loss and the MTP
-    loss far below their start; a short cold-start SFT then solves held-out problems well above chance
-    (answers range over 37 values: chance is under 3%)."""
+    loss far below their start; a short cold-start SFT then writes the format and solves some held-out
+    problems — none of which, nor their commuted twins, it trained on (measured 2 of 24 greedy; before the
+    split was decided on the canonical form, twins in training made it look like 0.1-0.3)."""
     from minir1.cli import main
     task = "arithmetic:digits=1,mul_digits=0"
     common = ["--batch-size", "8", "--seq-len", "128", "--no-progress"]
@@ -264,13 +265,14 @@ def test_pretrain_sft_grpo_and_rejection_sampling_end_to_end(tmp_path, capsys):
     assert sum_last(rows, 20)["mtp_loss"] < 0.2 * rows[0]["mtp_loss"]
     assert main(["sft", "--init", str(tmp_path / "pt"), "--task", task, "--steps", "60",
                  "--out", str(tmp_path / "sft"), *common]) == 0
-    # The held-out split of one-digit + and − has 18 distinct problems: asking for more is a clear error.
+    # The held-out split of one-digit + and − has 24 distinct problems (commuted twins count once, and none
+    # is in training): asking for more is a clear error.
     assert main(["eval", "--ckpt", str(tmp_path / "sft"), "--task", task, "--n", "60", "--max-new-tokens", "8"]) == 1
-    assert main(["eval", "--ckpt", str(tmp_path / "sft"), "--task", task, "--n", "18", "--max-new-tokens", "64",
+    assert main(["eval", "--ckpt", str(tmp_path / "sft"), "--task", task, "--n", "24", "--max-new-tokens", "64",
                  "--out", str(tmp_path / "eval.json")]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["problems"] == result["problems_distinct"] == 18 and result["format_rate"] > 0.3
-    assert result["pass@1"] >= 0.1, result
+    assert result["problems"] == result["problems_distinct"] == 24 and result["format_rate"] > 0.3
+    assert result["pass@1"] >= 2 / 24 and result["format_rate"] > 0.9, result
     # GRPO's fast smoke (the slow test in test_grpo.py shows held-out accuracy rising): 30 steps raise the
     # held-out format rate, and every per-step metric the issue lists is written. The format rate is that of
     # 4 samples per problem at temperature 0.6 (240 completions): greedy decoding can start near its ceiling,

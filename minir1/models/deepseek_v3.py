@@ -527,6 +527,7 @@ class MoE(nn.Module):
         self.register_buffer("last_load", torch.zeros(E), persistent=False)
         self.register_buffer("load_since_update", torch.zeros(E), persistent=False)
         self.aux_loss: Tensor | None = None
+        self.counted: Tensor | None = None  # [B, T] real tokens of the current forward (see Transformer.forward)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
         B, T, D = x_BTD.shape
@@ -538,7 +539,12 @@ class MoE(nn.Module):
         with torch.no_grad():
             self.last_load.copy_(load)
             if self.training:  # only training forwards steer the balancing (not rollouts or eval)
-                self.load_since_update.add_(load)
+                counted = self.counted
+                if counted is not None and counted.numel() == x_ND.shape[0]:  # padding does not count
+                    real = flat_ids[counted.reshape(-1).repeat_interleave(self.top_k)]
+                    self.load_since_update.add_(torch.zeros_like(load).scatter_add_(0, real, torch.ones_like(real)))
+                else:
+                    self.load_since_update.add_(load)
         if self._dense_is_cheaper(x_ND.shape[0]):
             return self._dense_forward(x_ND, weights_NK, ids_NK).view(B, T, D)
         order = flat_ids.argsort(stable=True)
@@ -681,17 +687,31 @@ class Transformer(CausalLM):
     # -- the forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: Any = None,
                 mtp: bool = False, return_dict: bool = False, logits_at: Tensor | None = None,
-                doc_ids: Tensor | None = None) -> Tensor | ModelOutput:
+                doc_ids: Tensor | None = None, counted: Tensor | None = None) -> Tensor | ModelOutput:
         """input_ids [B, T] -> logits [B, T, V], or only at the positions `logits_at` of each row: [B] gives
         [B, 1, V], [B, K] gives [B, K, V] (the head and its gradient skip every other position).
 
         `positions` [B, T] defaults to 0..T-1. `cache` (an engine cache) switches attention to the
         latent-cache decoding path. `mtp=True` also runs the MTP modules over the same hidden states.
         `doc_ids` [B, T] marks the documents packed in each row: attention never crosses them (pass
-        positions that restart at each document too).
+        positions that restart at each document too). `counted` [B, T] (bool) marks the real tokens:
+        only they count in the expert loads that steer the balancing bias (padding does not).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if counted is None:
+            return self._forward(input_ids, positions, cache, mtp, return_dict, logits_at, doc_ids)
+        moe = self.moe_layers()
+        for m in moe:
+            m.counted = counted
+        try:
+            return self._forward(input_ids, positions, cache, mtp, return_dict, logits_at, doc_ids)
+        finally:
+            for m in moe:
+                m.counted = None
+
+    def _forward(self, input_ids: Tensor, positions: Tensor | None, cache: Any, mtp: bool, return_dict: bool,
+                 logits_at: Tensor | None, doc_ids: Tensor | None) -> Tensor | ModelOutput:
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)

@@ -322,8 +322,9 @@ class DenseTransformer(CausalLM):
 
     def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: Any = None,
                 mtp: bool = False, return_dict: bool = False, logits_at: Tensor | None = None,
-                doc_ids: Tensor | None = None) -> Tensor | ModelOutput:
-        """As DeepSeek-V3's Transformer.forward (minir1/models/deepseek_v3.py); `mtp` has nothing to run here."""
+                doc_ids: Tensor | None = None, counted: Tensor | None = None) -> Tensor | ModelOutput:
+        """As DeepSeek-V3's Transformer.forward (minir1/models/deepseek_v3.py); `mtp` and `counted` (for expert
+        balancing) have nothing to act on here."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape

@@ -95,6 +95,23 @@ class Arithmetic(Task):
         if not 0 <= self.mul_digits <= self.digits:
             raise TaskError(f"arithmetic: mul_digits ({self.mul_digits}) must be between 0 (no ×) and digits")
 
+    def canonical(self, question: str) -> str:
+        """`What is 5 + 3 × 2?` and `What is 2 × 3 + 5?` are one problem: the expression as its positive and
+        negative terms, each a sorted product, the terms sorted (+ and × commute; − does not)."""
+        expr = question.removeprefix("What is ").removesuffix("?").split()
+        if len(expr) % 2 == 0 or not expr:
+            return super().canonical(question)
+        terms: dict[str, list[str]] = {"+": [], "-": []}
+        sign, factors = "+", [expr[0]]
+        for op, n in zip(expr[1::2], expr[2::2]):
+            if op == SYMBOL["*"]:
+                factors.append(n)
+                continue
+            terms[sign].append("×".join(sorted(factors, key=int)))
+            sign, factors = op, [n]
+        terms[sign].append("×".join(sorted(factors, key=int)))
+        return " + ".join(sorted(terms["+"])) + "".join(f" - {t}" for t in sorted(terms["-"]))
+
     def make(self, rng: random.Random) -> Problem:
         nums = [rng.randint(0, 10 ** rng.randint(1, self.digits) - 1) for _ in range(self.operands)]
         ops = [rng.choice("+-*" if self.mul_digits else "+-") for _ in range(self.operands - 1)]

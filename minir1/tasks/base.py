@@ -75,25 +75,32 @@ class Task:
     def make(self, rng: random.Random) -> Problem:
         raise NotImplementedError
 
+    def canonical(self, question: str) -> str:
+        """The form that equivalent questions share (for arithmetic: the operands of + and × in a fixed
+        order, so `3 + 5` and `5 + 3` are one problem). Distinctness and the train/test split are decided on
+        it: no held-out problem has a twin in training."""
+        return " ".join(question.split())
+
+    def heldout(self, p: Problem) -> bool:
+        return is_heldout(self.canonical(p.question))
+
     def problems(self, split: str = "train", seed: int = 0) -> Iterator[Problem]:
-        """An unbounded, seeded stream of distinct-enough problems from one split ("train" or "test")."""
+        """An unbounded, seeded stream of problems from one split ("train" or "test"); it may repeat."""
         if split not in ("train", "test"):
             raise TaskError(f"split must be 'train' or 'test', got {split!r}")
         rng = random.Random(f"{self.name}:{split}:{seed}")
         want_heldout = split == "test"
         while True:
             p = self.make(rng)
-            if is_heldout(p.question) == want_heldout:
+            if self.heldout(p) == want_heldout:
                 yield p
 
-    def take(self, n: int, split: str = "train", seed: int = 0, distinct: bool = False,
-             at_most: bool = False) -> list[Problem]:
-        """n problems of the split, seeded. `distinct`: no question twice, and a TaskError when the split
-        has fewer than n (`at_most`: take all there are instead). Bounded whatever the task: a split that
-        stops yielding new problems is detected, never looped on."""
+    def take(self, n: int, split: str = "train", seed: int = 0, at_most: bool = False) -> list[Problem]:
+        """n distinct problems of the split (distinct in canonical form), seeded; a TaskError when the split
+        has fewer (`at_most`: all there are instead). Bounded whatever the task: a split that stops yielding
+        new problems is detected, never looped on."""
         if split not in ("train", "test"):
             raise TaskError(f"split must be 'train' or 'test', got {split!r}")
-        distinct = distinct or at_most
         rng = random.Random(f"{self.name}:{split}:{seed}")
         want_heldout = split == "test"
         out: list[Problem] = []
@@ -101,13 +108,14 @@ class Task:
         misses = 0  # draws in a row that gave nothing new; a coupon collector's bound says when to stop
         while len(out) < n:
             p = self.make(rng)
-            if is_heldout(p.question) != want_heldout or (distinct and p.question in seen):
+            key = self.canonical(p.question)
+            if is_heldout(key) != want_heldout or key in seen:
                 misses += 1
                 if misses > max(10_000, 20 * len(seen)):
                     break
                 continue
             misses = 0
-            seen.add(p.question)
+            seen.add(key)
             out.append(p)
         spec = getattr(self, "spec", self.name)
         if not out and n > 0:

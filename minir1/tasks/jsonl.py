@@ -8,7 +8,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from minir1.tasks.base import Problem, Task, TaskError, is_heldout, read_jsonl
+from minir1.tasks.base import Problem, Task, TaskError, read_jsonl
 
 
 class JsonlTask(Task):
@@ -31,7 +31,7 @@ class JsonlTask(Task):
             self.items.append(Problem(str(obj["question"]), str(obj["answer"]).strip(), solution))
         if not self.items:
             raise TaskError(f"{self.path}: no problems in the file")
-        self._pools = {name: [p for p in self.items if is_heldout(p.question) == (name == "test")]
+        self._pools = {name: [p for p in self.items if self.heldout(p) == (name == "test")]
                        for name in ("train", "test")}
 
     def make(self, rng: random.Random) -> Problem:
@@ -55,13 +55,20 @@ class JsonlTask(Task):
             rng.shuffle(order)
             yield from order
 
-    def take(self, n: int, split: str = "train", seed: int = 0, distinct: bool = False,
-             at_most: bool = False) -> list[Problem]:
-        """At most one pass over the split, in a seeded order: evaluation never counts a problem twice. With
-        `distinct` (and not `at_most`), a split with fewer than n problems is a TaskError."""
+    def take(self, n: int, split: str = "train", seed: int = 0, at_most: bool = False) -> list[Problem]:
+        """n distinct problems of the split (a question repeated in the file counts once), in a seeded order;
+        a split with fewer is a TaskError unless `at_most`."""
         pool = self._pool(split)
-        if distinct and not at_most and n > len(pool):
-            raise TaskError(f"{self.path}: the {split} split has {len(pool)} distinct problems; asked for {n} "
+        rng = random.Random(f"jsonl:{split}:{seed}")
+        order = pool[:]
+        rng.shuffle(order)
+        out, seen = [], set()
+        for p in order:
+            key = self.canonical(p.question)
+            if key not in seen and len(out) < n:
+                seen.add(key)
+                out.append(p)
+        if len(out) < n and not at_most:
+            raise TaskError(f"{self.path}: the {split} split has {len(out)} distinct problems; asked for {n} "
                             "(use a smaller --n)")
-        stream = self.problems(split, seed)
-        return [next(stream) for _ in range(min(n, len(pool)))]
+        return out

@@ -165,13 +165,18 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
 
 
 def completion_logprobs(model: CausalLM, ids: Tensor, prompt_lens: Tensor, comp_len: int,
-                        temperature: float) -> tuple[Tensor, Tensor]:
+                        temperature: float, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Log-probabilities of the completion tokens under softmax(logits / temperature) — the same
     distribution as the engine's logprobs — and the per-token entropy. ids [N, L] hold each prompt then
-    its completion, right-padded; returns [N, comp_len]."""
+    its completion, right-padded; returns [N, comp_len]. `lengths` [N] (completion tokens per row) keeps the
+    padding out of the expert loads that steer the balancing bias."""
     index = prompt_lens[:, None] - 1 + torch.arange(comp_len, device=ids.device)[None]   # predicting positions
     index = index.clamp_max(ids.shape[1] - 2)
-    picked = model(ids[:, :-1], logits_at=index).float()  # the head only where completion tokens are predicted
+    counted = None
+    if lengths is not None:
+        counted = torch.arange(ids.shape[1] - 1, device=ids.device)[None] < (prompt_lens + lengths)[:, None]
+    # the head only where completion tokens are predicted
+    picked = model(ids[:, :-1], logits_at=index, counted=counted).float()
     logp_all = (picked / (temperature if temperature > 0 else 1.0)).log_softmax(-1)
     targets = ids.gather(1, (index + 1).clamp_max(ids.shape[1] - 1))
     with torch.no_grad():  # a metric: keep it out of the autograd graph
@@ -196,6 +201,7 @@ class Rollouts:
     ref_logp: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     batch_tokens: float = 0.0    # completion tokens in the loss, all processes together (dapo's denominator)
+    lengths: Tensor | None = None  # [N] completion tokens per row (the rest of the row is padding)
 
 
 def soft_overlong_penalty(length: int, max_new_tokens: int, buffer: int) -> float:
@@ -312,7 +318,8 @@ class GRPOStage:
                    "truncated_frac": float(truncated.float().mean()),
                    "completion_tokens": float(lengths.sum()), "generate_s": generate_s, "score_s": score_s,
                    "reward_timeouts": budget.timeouts}
-        return Rollouts(ids, prompt_lens, mask, advantages, metrics=metrics, batch_tokens=counted)
+        return Rollouts(ids, prompt_lens, mask, advantages, metrics=metrics, batch_tokens=counted,
+                        lengths=lengths.long())
 
     def _reference_logp(self, model: CausalLM, ro: Rollouts, comp_len: int) -> tuple[Tensor | None, Tensor | None]:
         """Old-policy log-probs (when μ > 1) and reference log-probs (when β > 0), micro-batch by micro-batch."""
@@ -358,10 +365,13 @@ class GRPOStage:
                 self._eval = {"eval_pass@1": res["pass@1"], "eval_format_rate": res["format_rate"],
                               "eval_problems": res["problems"],
                               "eval_mean_completion_tokens": res["mean_completion_tokens"]}
-        slices = self._slices(self._rollouts)
-        local = micro // d.world  # the loop deals micro-batches out round-robin: this is our j-th
-        n = self._rollouts.ids.shape[0]  # dynamic sampling may leave fewer completions than micro-batches
-        return self._rollouts, slices[local] if local < len(slices) else slice(n, n), n_micro
+        # The loop deals micro-batches out round-robin: this is our j-th of n_micro / world. The rows are cut
+        # into exactly that many contiguous slices (some empty when dynamic sampling kept fewer rows), so no
+        # completion is dropped or repeated, whatever micro_batch_size the caller gave the stage.
+        local, parts = micro // d.world, max(1, n_micro // d.world)
+        base, extra = divmod(self._rollouts.ids.shape[0], parts)
+        start = local * base + min(local, extra)
+        return self._rollouts, slice(start, start + base + (local < extra)), n_micro
 
     def bind(self, model: CausalLM, snapshot: Callable[[], CausalLM] | None = None) -> None:
         """The policy being trained (the loop's model, wrapped under torchrun) and a callable giving a plain
@@ -379,11 +389,12 @@ class GRPOStage:
     def loss(self, model: CausalLM, batch: tuple[Rollouts, slice, int]) -> tuple[Tensor, dict[str, float], int]:
         ro, s, n_micro = batch
         device = next(model.parameters()).device
-        if s.start >= ro.ids.shape[0]:
+        if s.stop <= s.start:
             return torch.zeros((), device=device, requires_grad=True), {}, 0
         comp_len = ro.mask.shape[1]
         logp, entropy = completion_logprobs(model, ro.ids[s].to(device), ro.prompt_lens[s].to(device), comp_len,
-                                            self.cfg.temperature)
+                                            self.cfg.temperature,
+                                            None if ro.lengths is None else ro.lengths[s].to(device))
         mask = ro.mask[s].to(device)
         old = ro.old_logp[s].to(device) if ro.old_logp is not None else logp.detach()  # μ = 1: ratio exactly 1
         ref = ro.ref_logp[s].to(device) if ro.ref_logp is not None else None

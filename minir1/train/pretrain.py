@@ -20,7 +20,7 @@ from minir1.models.deepseek_v3 import ModelConfig
 from minir1.models.dense import DenseConfig
 from minir1.models.hf import build_model
 from minir1.prompting import r1_response
-from minir1.tasks import Problem, Task, is_heldout
+from minir1.tasks import Problem, Task
 from minir1.tokenizer import Tokenizer
 from minir1.train.loop import StepRows, TrainConfig, TrainResult, latest_checkpoint, prepare, train
 
@@ -68,7 +68,7 @@ class PretrainStage:
         bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
         while len(ids) < need:
             p = self.task.make(rng)
-            if is_heldout(p.question):
+            if self.task.heldout(p):
                 continue  # the held-out split is never trained on
             ids += ([bos] if bos is not None else []) + self.tokenizer.encode(document(p)) + \
                 ([eos] if eos is not None else [])

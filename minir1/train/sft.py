@@ -15,7 +15,7 @@ from torch import Tensor
 from minir1.models.base import CausalLM
 from minir1.prompting import r1_response
 from minir1.reasoning import opened_reasoning
-from minir1.tasks import Task, TaskError, is_heldout
+from minir1.tasks import Task, TaskError
 from minir1.tasks.base import read_jsonl
 from minir1.tokenizer import Tokenizer
 from minir1.train.loop import StepRows, TrainConfig, TrainResult, prepare, train
@@ -85,7 +85,7 @@ class SFTStage:
         if self.task is not None:
             while True:
                 p = self.task.make(rng)
-                if is_heldout(p.question):
+                if self.task.heldout(p):
                     continue
                 msgs = [{"role": "user", "content": p.question},
                         {"role": "assistant", "content": r1_response(p.solution, p.answer)}]
@@ -107,6 +107,7 @@ class SFTStage:
         labels = torch.full_like(ids, IGNORE)
         positions = torch.zeros_like(ids)
         docs = torch.full_like(ids, -1)
+        real = torch.zeros_like(ids, dtype=torch.bool)
         examples = self._examples(rng)
         for row in range(rows):
             used, doc = 0, 0
@@ -128,15 +129,28 @@ class SFTStage:
                 doc += 1
             # Padding gets its own document id so that it never joins an example's attention.
             docs[row, used:] = doc
-        return {"ids": ids, "labels": labels, "positions": positions, "doc_ids": docs}
+            real[row, :used] = True
+        # The loss is the step's token sum over the step's target tokens, whatever the micro-batching: each
+        # micro-batch carries the step's count (and how many micro-batches share it), one value per row.
+        targets = int((labels != IGNORE).sum())
+        n_micro = max(1, rows // self.micro_batch_size)
+        return {"ids": ids, "labels": labels, "positions": positions, "doc_ids": docs, "real": real,
+                "step_targets": torch.full((rows,), targets), "step_micro": torch.full((rows,), n_micro)}
 
     def loss(self, model: CausalLM, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float], int]:
         device = next(model.parameters()).device
         b = {k: v.to(device) for k, v in batch.items()}
-        logits = model(b["ids"], positions=b["positions"], doc_ids=b["doc_ids"])
+        logits = model(b["ids"], positions=b["positions"], doc_ids=b["doc_ids"], counted=b.get("real"))
         n_targets = int((b["labels"] != IGNORE).sum())
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), b["labels"].reshape(-1),
-                               ignore_index=IGNORE)
+        total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), b["labels"].reshape(-1),
+                                ignore_index=IGNORE, reduction="sum")
+        if "step_targets" in b:
+            # The loop averages its micro-batches' losses (and DDP the processes'): scaled by the step's
+            # micro-batch count, this micro-batch's token sum over the step's targets adds up to the step loss.
+            step_targets, n_micro = int(b["step_targets"][0]), int(b["step_micro"][0])
+        else:
+            step_targets, n_micro = n_targets, 1
+        loss = total * (n_micro / max(step_targets, 1))  # no targets anywhere: 0, never NaN
         return loss, {"target_tokens": n_targets}, b["ids"].numel()
 
     def config(self) -> dict[str, Any]:
