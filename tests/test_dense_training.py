@@ -67,9 +67,15 @@ def test_sft_on_a_qwen2_model_lowers_its_loss_and_grpo_runs_on_it(qwen2_dir, tmp
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
 
-def test_grpo_on_a_qwen2_model_resumes_after_sigkill_bitwise_equal(qwen2_dir, tmp_path):
+@pytest.mark.parametrize("mu", [1, 2])
+def test_grpo_on_a_qwen2_model_resumes_after_sigkill_bitwise_equal(qwen2_dir, tmp_path, mu):
+    """μ = 2: two optimizer steps per rollout, the second with old log-probs from before the first. The kill
+    comes after optimizer step 3, in the middle of the second rollout's two steps: the resumed run must
+    regenerate that rollout and its old log-probs exactly."""
+    save_every, kill_after = {1: (2, 4), 2: (3, 3)}[mu]
     common = ["grpo", "--init", str(qwen2_dir), "--task", TASK, "--steps", "6", "--prompts-per-step", "2",
-              "--group-size", "4", "--max-new-tokens", "16", "--save-every", "2", "--no-progress", "--lr", "1e-3"]
+              "--group-size", "4", "--max-new-tokens", "16", "--save-every", str(save_every), "--no-progress",
+              "--lr", "1e-3", "--mu", str(mu)]
     env = {**os.environ, "MINIR1_NATIVE": "0"}
     full = subprocess.run([sys.executable, "-m", "minir1", *common, "--out", str(tmp_path / "a")],
                           capture_output=True, text=True, env=env)
@@ -77,7 +83,7 @@ def test_grpo_on_a_qwen2_model_resumes_after_sigkill_bitwise_equal(qwen2_dir, tm
     proc = subprocess.Popen([sys.executable, "-m", "minir1", *common, "--out", str(tmp_path / "b")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
-    while not (tmp_path / "b" / "checkpoints" / "step-00000004").exists():
+    while not (tmp_path / "b" / "checkpoints" / f"step-{kill_after:08d}").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
@@ -88,7 +94,8 @@ def test_grpo_on_a_qwen2_model_resumes_after_sigkill_bitwise_equal(qwen2_dir, tm
     assert resumed.returncode == 0, resumed.stderr
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["step"] for r in metrics(tmp_path / "b")] == list(range(1, 7))
+    assert [r["step"] for r in metrics(tmp_path / "b")] == [r["step"] for r in metrics(tmp_path / "a")] == \
+        list(range(1, 6 * mu + 1))  # --steps counts rollouts; each gives mu optimizer steps
 
 
 def test_a_deepseek_teacher_distils_into_a_qwen2_student(qwen2_dir, task_tokenizer, tmp_path, monkeypatch):

@@ -79,6 +79,16 @@ def test_two_processes_train_the_same_weights_as_one(parallel, one_process, tok,
     assert cfg["world_size"] == 2 and cfg["train"]["parallel"] == parallel
 
 
+def test_sft_on_two_processes_with_other_micro_batches_equals_one_process(one_process, tmp_path):
+    """SFT's loss is the step's token sum over the step's targets: 2 processes x 2 micro-batches of 1 row
+    (rows with different numbers of targets) train the weights of 1 process x 2 micro-batches of 2."""
+    common = [a if a != "2" or i == 0 or COMMON[i - 1] != "--micro-batch-size" else "1" for i, a in enumerate(COMMON)]
+    assert common != COMMON
+    run("sft", "--init", str(one_process / "pt"), "--task", TASK, "--steps", "3", "--out", str(tmp_path / "sft"),
+        *common, procs=2)
+    assert_same_weights(tmp_path / "sft", one_process / "sft")
+
+
 def test_a_two_process_run_resumes_in_one_process(one_process, tok, tmp_path):
     # 2 processes stop after step 3 with a checkpoint at step 2; 1 process resumes and runs to step 4.
     run("pretrain", "--task", TASK, "--tokenizer", str(tok), *MODEL, "--steps", "3", "--save-every", "2",

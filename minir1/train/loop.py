@@ -123,7 +123,10 @@ class Stage(Protocol):
         and the same rows however the step is split (StepRows)."""
 
     def loss(self, model: CausalLM, batch: Any) -> tuple[Tensor, dict[str, float], int]:
-        """-> (loss to minimise, metrics, tokens processed)."""
+        """-> (loss to minimise, metrics, tokens processed). The loop minimises the mean of a step's
+        micro-batch losses (over every process): a stage whose loss is a sum over tokens divided by a count
+        (SFT's targets, GRPO's completions or tokens) divides by the whole step's count and multiplies by
+        n_micro, so the gradient is the same however the step is split."""
 
     def config(self) -> dict[str, Any]:
         """The stage's own settings, for train_config.json."""
@@ -307,6 +310,25 @@ def resolve_micro_batch(cfg: TrainConfig, world: int | None = None) -> TrainConf
     return cfg
 
 
+def backward_step(stage: Stage, model: torch.nn.Module, step: int, mine: list[int], n_micro: int,
+                  autocast: Any = None, ddp: torch.nn.Module | None = None) -> tuple[float, int, dict[str, float]]:
+    """Accumulate one optimizer step's gradient from this process's micro-batches `mine` (of `n_micro` in all):
+    the mean of their losses, which the stages make the step's loss whatever the split (each normalises by the
+    whole step's count); DDP then averages the processes'. -> (loss, tokens, the stage's metrics)."""
+    total_loss, tokens, stage_metrics = 0.0, 0, {}
+    for j, micro in enumerate(mine):
+        batch = stage.batch(step, micro, n_micro)
+        sync = nullcontext() if ddp is None or j == len(mine) - 1 else ddp.no_sync()
+        with sync, autocast or nullcontext():
+            loss, m, n_tok = stage.loss(model, batch)
+            (loss / len(mine)).backward()
+        total_loss += float(loss.detach()) / len(mine)
+        tokens += n_tok
+        for k, v in m.items():
+            stage_metrics[k] = stage_metrics.get(k, 0.0) + float(v) / len(mine)
+    return total_loss, tokens, stage_metrics
+
+
 def train(model: CausalLM, tokenizer: Tokenizer, stage: Stage, cfg: TrainConfig) -> TrainResult:
     """Run `cfg.steps` optimizer steps of `stage` on `model`; the final checkpoint goes to `cfg.out`.
 
@@ -415,17 +437,8 @@ def _steps(model: CausalLM, wrapped: torch.nn.Module, tokenizer: Tokenizer, stag
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            total_loss, tokens, stage_metrics = 0.0, 0, {}
-            for j, micro in enumerate(mine):
-                batch = stage.batch(step, micro, n_micro)
-                sync = nullcontext() if not ddp or j == len(mine) - 1 else wrapped.no_sync()
-                with sync, autocast:
-                    loss, m, n_tok = stage.loss(forward_model, batch)
-                    (loss / len(mine)).backward()
-                total_loss += float(loss.detach()) / len(mine)
-                tokens += n_tok
-                for k, v in m.items():
-                    stage_metrics[k] = stage_metrics.get(k, 0.0) + float(v) / len(mine)
+            total_loss, tokens, stage_metrics = backward_step(stage, forward_model, step, mine, n_micro, autocast,
+                                                              wrapped if ddp else None)
             params = [p for p in wrapped.parameters() if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -31,7 +31,36 @@ inline float widen(uint16_t w) {
 }
 
 // ---- GEMM: C[M, N] (+)= A[M, K] · B, B packed as above ------------------------------------------------
-#if defined(__AVX2__) && defined(__FMA__)
+// Each output element sums over k in order with one FMA per k, whatever the vector width: the AVX-512,
+// AVX2 and scalar kernels give the same numbers. The width is chosen at compile time, and the library is
+// built per CPU (-march=native; build.py keys it by the CPU's flags), so the fast path is picked at run time.
+#if defined(__AVX512F__)
+constexpr int MR_MAX = 12;  // 12 accumulator rows of one 16-float register each (of 32)
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+template <int MR, typename W>
+inline void micro(int K, const float* __restrict A, int lda, const W* __restrict B, float* __restrict C, int ldc,
+                  bool acc) {
+    __m512 c[MR];
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; i++) c[i] = acc ? _mm512_loadu_ps(C + i * ldc) : _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const __m512 b = load16(B + k * 16);
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; i++) c[i] = _mm512_fmadd_ps(_mm512_set1_ps(A[i * lda + k]), b, c[i]);
+    }
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; i++) _mm512_storeu_ps(C + i * ldc, c[i]);
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int MR_MAX = 6;  // 6 rows x 2 registers of 8 floats
+
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -64,6 +93,8 @@ inline void micro(int K, const float* __restrict A, int lda, const W* __restrict
 }
 
 #else
+constexpr int MR_MAX = 6;
+
 template <int MR, typename W>
 inline void micro(int K, const float* __restrict A, int lda, const W* __restrict B, float* __restrict C, int ldc,
                   bool acc) {
@@ -80,20 +111,20 @@ inline void micro(int K, const float* __restrict A, int lda, const W* __restrict
 }
 #endif
 
+// The last r < MR_MAX rows of a block, with the kernel of exactly r rows.
+template <int R, typename W>
+inline void micro_tail(int r, int K, const float* a, int lda, const W* Bp, float* c, int ldc, bool acc) {
+    if constexpr (R > 0) {
+        if (r == R) micro<R>(K, a, lda, Bp, c, ldc, acc);
+        else micro_tail<R - 1>(r, K, a, lda, Bp, c, ldc, acc);
+    }
+}
+
 template <typename W>
 inline void gemm_block(int M, int K, const float* A, int lda, const W* Bp, float* C, int ldc, bool acc) {
     int m = 0;
-    for (; m + 6 <= M; m += 6) micro<6>(K, A + m * lda, lda, Bp, C + m * ldc, ldc, acc);
-    const float* a = A + m * lda;
-    float* c = C + m * ldc;
-    switch (M - m) {
-        case 1: micro<1>(K, a, lda, Bp, c, ldc, acc); break;
-        case 2: micro<2>(K, a, lda, Bp, c, ldc, acc); break;
-        case 3: micro<3>(K, a, lda, Bp, c, ldc, acc); break;
-        case 4: micro<4>(K, a, lda, Bp, c, ldc, acc); break;
-        case 5: micro<5>(K, a, lda, Bp, c, ldc, acc); break;
-        default: break;
-    }
+    for (; m + MR_MAX <= M; m += MR_MAX) micro<MR_MAX>(K, A + m * lda, lda, Bp, C + m * ldc, ldc, acc);
+    micro_tail<MR_MAX - 1>(M - m, K, A + m * lda, lda, Bp, C + m * ldc, ldc, acc);
 }
 
 // Columns are split across threads in 16-wide panels; each panel stays in L1 across the row blocks. Rows

@@ -1,0 +1,172 @@
+"""Objectives that do not depend on batching (issue 17): one optimizer step's gradient is the same whether the
+step runs as one micro-batch or many — SFT with examples of very different lengths, and every GRPO loss type
+— through the loop's own accumulation (`backward_step`); GRPO's micro-batches never drop or repeat a
+completion whatever micro_batch_size the stage was given; the balancing update counts real tokens only; and
+the engine's per-token log-probs of a ragged batch of rollouts equal the training forward's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minir1 import ModelConfig, Transformer
+from minir1.tasks import get_task
+from minir1.train.grpo import GRPOConfig, GRPOStage, completion_logprobs
+from minir1.train.loop import backward_step
+from minir1.train.sft import IGNORE, SFTStage
+
+
+def model_for(tokenizer, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size, hidden_size=64,
+                                               num_attention_heads=2, num_nextn_predict_layers=0))
+
+
+def step_gradient(model, stage, n_micro: int) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    backward_step(stage, model, 0, list(range(n_micro)), n_micro)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_gradient(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    flat_a, flat_b = torch.cat([a[k].flatten() for k in a]), torch.cat([b[k].flatten() for k in a])
+    rel = float((flat_a - flat_b).norm() / flat_a.norm())
+    assert rel < 1e-6, rel
+
+
+def ragged_conversations() -> list[list[dict[str, str]]]:
+    """Answers from 1 to ~60 tokens: micro-batches of one row hold very different numbers of targets."""
+    convs = []
+    for i in range(12):
+        work = " ".join(f"{i}+{k}={i + k}" for k in range(1 + 5 * (i % 4)))
+        convs.append([{"role": "user", "content": f"What is {i} + {i}?"},
+                      {"role": "assistant", "content": f"<think>\n{work}\n</think>\n<answer>{2 * i}</answer>"}])
+    return convs
+
+
+def test_sft_gradient_is_the_same_for_any_micro_batch_size(tiny_tokenizer):
+    model = model_for(tiny_tokenizer)
+    convs = ragged_conversations()
+    whole = SFTStage(tiny_tokenizer, seq_len=48, micro_batch_size=8, conversations=convs)
+    ones = SFTStage(tiny_tokenizer, seq_len=48, micro_batch_size=1, conversations=convs)
+    rows = [ones.batch(0, j, 8) for j in range(8)]
+    targets = [int((r["labels"] != IGNORE).sum()) for r in rows]
+    assert max(targets) > 2 * min(targets), targets  # the micro-batches really differ
+    reference = step_gradient(model, whole, 1)
+    assert_same_gradient(reference, step_gradient(model, ones, 8))
+    assert_same_gradient(reference, step_gradient(model, SFTStage(tiny_tokenizer, seq_len=48, micro_batch_size=2,
+                                                                  conversations=convs), 4))
+
+
+def test_a_micro_batch_without_targets_adds_nothing_and_is_never_nan(tiny_tokenizer):
+    model = model_for(tiny_tokenizer)
+    stage = SFTStage(tiny_tokenizer, seq_len=48, micro_batch_size=2, conversations=ragged_conversations())
+    batch = stage.batch(0, 0, 1)
+    batch["labels"][:] = IGNORE
+    loss, _, _ = stage.loss(model, batch)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and all(torch.all(p.grad == 0) for p in model.parameters() if p.grad is not None)
+
+
+class _Recording:
+    """Engine.generate with per-token log-probs kept (GRPO's rollout does not ask for them)."""
+
+    outs: list = []
+
+    def __init__(self, engine_cls):
+        self.engine_cls = engine_cls
+
+    def __call__(self, *args, **kwargs):
+        engine = self.engine_cls(*args, **kwargs)
+        generate = engine.generate
+
+        def with_logprobs(prompts, params):
+            params.logprobs = True
+            outs = generate(prompts, params)
+            _Recording.outs = outs
+            return outs
+        engine.generate = with_logprobs
+        return engine
+
+
+def ragged_rollout_stage(tokenizer, model, loss: str, micro_batch_size: int, monkeypatch=None) -> GRPOStage:
+    """3 prompts x 4 completions of one- to three-digit questions (prompts of different lengths), rewards
+    that vary inside every group (so every advantage is non-zero), and EOS made likely, so that some
+    completions end early."""
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_id] += 0.4 * torch.randn(model.config.hidden_size)
+    if monkeypatch is not None:
+        import minir1.train.grpo as grpo_mod
+        monkeypatch.setattr(grpo_mod, "Engine", _Recording(grpo_mod.Engine))
+    cfg = GRPOConfig(prompts_per_step=3, group_size=4, max_new_tokens=12, loss=loss, beta=0.0)
+    gen = torch.Generator().manual_seed(0)
+    stage = GRPOStage(get_task("arithmetic:digits=3"), tokenizer, cfg, micro_batch_size=micro_batch_size,
+                      reward_fns={"format": lambda r, a, t: float(torch.rand(1, generator=gen))})
+    stage.bind(model)
+    return stage
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo"])
+def test_grpo_gradient_is_the_same_for_any_micro_batching(tiny_tokenizer, loss):
+    model = model_for(tiny_tokenizer, seed=1)
+    stage = ragged_rollout_stage(tiny_tokenizer, model, loss, micro_batch_size=12)
+    reference = step_gradient(model, stage, 1)  # generates the step's rollouts, then reuses them
+    ro = stage._rollouts
+    assert len(set(ro.prompt_lens.tolist())) > 1 and len(set(ro.lengths.tolist())) > 1
+    assert bool((ro.advantages != 0).all())
+    for n_micro in (2, 3, 5, 12):  # 5 does not divide 12: uneven slices, none dropped or repeated
+        assert_same_gradient(reference, step_gradient(model, stage, n_micro))
+
+
+def test_grpo_micro_slices_cover_every_completion_once_whatever_the_stage_was_told(tiny_tokenizer):
+    """A stage built with micro_batch_size 4 but driven by a loop with 1 or 6 micro-batches (a Python caller
+    that set them differently) still uses every completion exactly once."""
+    model = model_for(tiny_tokenizer, seed=2)
+    stage = ragged_rollout_stage(tiny_tokenizer, model, "dapo", micro_batch_size=4)
+    reference = step_gradient(model, stage, 3)
+    for n_micro in (1, 6, 7):
+        seen = []
+        for j in range(n_micro):
+            _, s, _ = stage.batch(0, j, n_micro)
+            seen += list(range(s.start, s.stop))
+        assert seen == list(range(12)), (n_micro, seen)
+        assert_same_gradient(reference, step_gradient(model, stage, n_micro))
+
+
+def test_engine_logprobs_of_ragged_rollouts_equal_the_training_forward(tiny_tokenizer, monkeypatch):
+    """μ = 1 makes the importance ratio exactly 1 only if the engine sampled from the distribution the
+    update evaluates: per token, within 1e-4, for prompts of different lengths and completions that end early."""
+    model = model_for(tiny_tokenizer, seed=3).eval()
+    stage = ragged_rollout_stage(tiny_tokenizer, model, "grpo", micro_batch_size=12, monkeypatch=monkeypatch)
+    ro = stage.rollout(model, 0)
+    outs = _Recording.outs
+    assert len(outs) == 12 and any(o.finish_reason == "stop" for o in outs) and any(
+        o.finish_reason == "length" for o in outs)
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, ro.ids, ro.prompt_lens, ro.mask.shape[1], stage.cfg.temperature,
+                                      ro.lengths)
+    for row, out in enumerate(outs):
+        n = len(out.token_ids)
+        assert int(ro.lengths[row]) == n
+        torch.testing.assert_close(logp[row, :n], torch.tensor(out.logprobs), atol=1e-4, rtol=0)
+
+
+def test_the_balancing_update_counts_real_tokens_only(tiny_tokenizer):
+    """Padding appended to a row changes no expert's count in the load that steers the bias."""
+    model = model_for(tiny_tokenizer, seed=4).train()
+    ids = torch.randint(0, tiny_tokenizer.vocab_size, (2, 10))
+    real = torch.ones(2, 10, dtype=torch.bool)
+
+    def counted_load(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for m in model.moe_layers():
+            m.load_since_update.zero_()
+        model(x, counted=mask)
+        return torch.stack([m.load_since_update.clone() for m in model.moe_layers()])
+
+    plain = counted_load(ids, real)
+    assert plain.sum(-1).tolist() == [2 * 10 * model.config.num_experts_per_tok] * len(model.moe_layers())
+    padded = torch.cat([ids, torch.full((2, 6), tiny_tokenizer.pad_id or 0)], dim=1)
+    mask = torch.cat([real, torch.zeros(2, 6, dtype=torch.bool)], dim=1)
+    assert torch.equal(counted_load(padded, mask), plain)  # causal attention: the real tokens route the same
+    assert not torch.equal(counted_load(padded, torch.ones_like(mask)), plain)
