@@ -14,7 +14,7 @@ import torch
 
 from minir1.stats import excludes_zero, paired_bootstrap, wilson
 
-STAGE_ROWS = ("base", "sft", "grpo", "rs_sft", "student_distill", "student_grpo")
+STAGE_ROWS = ("base", "sft", "grpo", "r1_zero", "rs_sft", "student_distill", "student_grpo")
 DESCRIPTIONS = {
     "base": "pretrained teacher, no fine-tuning",
     "sft": "cold-start SFT on <think> traces",
@@ -22,6 +22,7 @@ DESCRIPTIONS = {
     "rs_sft": "SFT on verified samples of the GRPO model (final)",
     "student_distill": "student: SFT on the teacher's verified traces",
     "student_grpo": "student: cold-start SFT + GRPO, no teacher",
+    "r1_zero": "R1-Zero: GRPO from the base model, no cold start (R1 §2.2)",
 }
 
 
@@ -89,18 +90,25 @@ def plot(out: Path) -> list[str]:
         save(fig, "loss.png")
     grpo = read_metrics(out / "grpo" / "metrics.jsonl")
     if grpo:
-        steps = [r["step"] for r in grpo]
+        runs = [("cold start + GRPO", grpo, "C0")]
+        zero = read_metrics(out / "r1_zero" / "metrics.jsonl")
+        if zero:
+            runs.append(("R1-Zero (GRPO from base)", zero, "C3"))
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-        axes[0].plot(steps, [r["reward_mean"] for r in grpo])
+        for label, rows, color in runs:
+            steps = [r["step"] for r in rows]
+            axes[0].plot(steps, [r["reward_mean"] for r in rows], color=color, label=label)
+            axes[1].plot(steps, [r["accuracy"] for r in rows], color=color, alpha=0.5,
+                         label=f"{label}: rollout accuracy")
+            ev = [r for r in rows if "eval_pass@1" in r]
+            axes[1].plot([r["step"] for r in ev], [r["eval_pass@1"] for r in ev], "o-", color=color,
+                         label=f"{label}: held-out pass@1")
+            axes[2].plot(steps, [r["completion_len_mean"] for r in rows], color=color, label=label)
         axes[0].set(title="GRPO reward (rollouts)", xlabel="step")
-        axes[1].plot(steps, [r["accuracy"] for r in grpo], label="rollout accuracy")
-        axes[1].plot(steps, [r["format_rate"] for r in grpo], label="rollout format rate", alpha=0.6)
-        ev = [r for r in grpo if "eval_pass@1" in r]
-        axes[1].plot([r["step"] for r in ev], [r["eval_pass@1"] for r in ev], "o-", label="held-out pass@1")
+        axes[0].legend(fontsize=8)
         axes[1].set(title="GRPO accuracy", xlabel="step", ylim=(0, 1))
-        axes[1].legend(fontsize=8)
-        axes[2].plot(steps, [r["completion_len_mean"] for r in grpo])
-        axes[2].set(title="completion length (tokens)", xlabel="step")
+        axes[1].legend(fontsize=7)
+        axes[2].set(title="mean response length (tokens)", xlabel="step")
         save(fig, "grpo.png")
     if pt and "load_imbalance" in pt[0]:
         fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -120,6 +128,8 @@ FINDINGS = {
                                       "(R1 §2.3)"),
     "distilled_minus_rl_student": ("student_distill", "student_grpo", "the distilled student beats the same-size "
                                                                       "student trained by RL alone (R1 §4.1)"),
+    "cold_start_minus_r1_zero": ("grpo", "r1_zero", "cold start + RL beats RL from the base model alone, in accuracy "
+                                                    "and readability (R1 §2.3)"),
 }
 
 
@@ -136,7 +146,8 @@ def finding(stages: dict[str, Any], a: str, b: str, claim: str) -> dict[str, Any
     diff, (lo, hi) = paired_bootstrap([x["pass@1"] for x in pa], [x["pass@1"] for x in pb])
     return {"claim": claim, "stages": [a, b], "problems_distinct": ea.get("problems_distinct", len(pa)),
             "difference_points": 100 * diff, "ci95": [100 * lo, 100 * hi], "reproduced": excludes_zero((lo, hi))
-            and diff > 0}
+            and diff > 0, "format_rate": [ea["format_rate"], eb["format_rate"]],
+            "mean_completion_tokens": [ea["mean_completion_tokens"], eb["mean_completion_tokens"]]}
 
 
 def write_report(out: Path, state: dict[str, Any]) -> dict[str, Any]:
@@ -218,7 +229,11 @@ def render_markdown(r: dict[str, Any]) -> str:
         ci = x.get("ci95")
         ci_text = f"95% CI [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "no interval: " + x.get("note", "")
         verdict = "reproduced" if x["reproduced"] else "**not** reproduced"
-        lines.append(f"- `{key}`: **{x['difference_points']:+.1f} points**, {ci_text} — {verdict}. R1: {x['claim']}.")
+        fmt = x.get("format_rate")
+        fmt_text = (f" Format rate {fmt[0]:.2f} against {fmt[1]:.2f}; mean response {x['mean_completion_tokens'][0]:.0f} "
+                    f"against {x['mean_completion_tokens'][1]:.0f} tokens." if fmt else "")
+        lines.append(f"- `{key}` ({' − '.join(x.get('stages', []))}): **{x['difference_points']:+.1f} points**, "
+                     f"{ci_text} — {verdict}. R1: {x['claim']}.{fmt_text}")
     lines.append("")
     for name, d in r["data"].items():
         lines.append(f"- {name.replace('_', ' ')}: kept {d['kept']} of {d['sampled']} samples (verified answer, "

@@ -36,7 +36,7 @@ from minir1.train.sft import SFTConfig, sft
 
 STATE = "speedrun_state.json"
 HELDOUT = "heldout.jsonl"  # the exact held-out problems every stage was evaluated on
-EVALUATED = ("base", "sft", "grpo", "rs_sft", "student_distill", "student_grpo")
+EVALUATED = ("base", "sft", "grpo", "r1_zero", "rs_sft", "student_distill", "student_grpo")
 
 
 @dataclass
@@ -46,6 +46,7 @@ class SpeedrunConfig:
     vocab_size: int = 384
     model_preset: str = "tiny"       # the teacher; the student halves every width (about 5x fewer parameters)
     student_family: str = "qwen2"    # dense, as R1's distilled students; or deepseek_v3, or llama / qwen3
+    r1_zero: bool = True             # also run R1-Zero: GRPO from the base model, no cold start (R1 §2.2)
     hidden_size: int = 128
     batch_size: int = 8
     seq_len: int = 128
@@ -161,13 +162,19 @@ class Recipe:
         base = SFTConfig(init=self.path(init), task=self.cfg.task)
         return replace(base, train=self.train(base.train, out, self.cfg.sft_steps))
 
-    def grpo(self, init: str, out: str) -> GRPOStageConfig:
+    def grpo(self, init: str, out: str, template: str = "chat") -> GRPOStageConfig:
         c = self.cfg
         base = GRPOStageConfig(init=self.path(init), task=c.task)
         return replace(base, grpo=replace(base.grpo, prompts_per_step=c.prompts_per_step, group_size=c.group_size,
                                           max_new_tokens=c.max_new_tokens, eval_every=max(1, c.grpo_steps // 4),
-                                          eval_n=min(c.eval_n, 100), eval_samples=c.eval_samples),
+                                          eval_n=min(c.eval_n, 100), eval_samples=c.eval_samples,
+                                          template=template),
                        train=self.train(base.train, out, c.grpo_steps, c.grpo_lr, batch=False))
+
+    def r1_zero(self) -> GRPOStageConfig:
+        """R1 §2.2: GRPO straight from the pretrained base, no cold start, on R1-Zero's plain-text template
+        (which asks for the <think>/<answer> format in words); the cold-start run's budget."""
+        return self.grpo("base", "r1_zero", template="r1-zero")
 
     def rejection_sampling(self) -> SampleConfig:
         c = self.cfg
@@ -186,10 +193,11 @@ class Recipe:
                              max_new_tokens=c.max_new_tokens)
         return replace(base, train=self.train(base.train, "student_distill", c.distill_steps))
 
-    def evaluation(self, ckpt: str) -> EvaluateConfig:
+    def evaluation(self, ckpt: str, template: str = "chat") -> EvaluateConfig:
         c = self.cfg
         return EvaluateConfig(ckpt=self.path(ckpt), task=c.task, save=False, eval=EvalConfig(
-            n=c.eval_n, samples=c.eval_samples, max_new_tokens=c.max_new_tokens, seed=c.seed, at_most=True))
+            n=c.eval_n, samples=c.eval_samples, max_new_tokens=c.max_new_tokens, seed=c.seed, at_most=True,
+            template=template))
 
 
 class Speedrun:
@@ -233,9 +241,9 @@ class Speedrun:
         print(f"[speedrun] {name} finished in {record['seconds']:.0f} s{summary}", flush=True)
 
     # -- pieces -------------------------------------------------------------------------------------------
-    def evaluate(self, ckpt: str) -> dict[str, Any]:
+    def evaluate(self, ckpt: str, template: str = "chat") -> dict[str, Any]:
         """Held-out evaluation; every stage is evaluated on the same problems, written to heldout.jsonl."""
-        res = evaluate_checkpoint(self.recipe.evaluation(ckpt))
+        res = evaluate_checkpoint(self.recipe.evaluation(ckpt, template))
         heldout = "".join(json.dumps({"question": x["question"], "answer": x["answer"]}, ensure_ascii=False) + "\n"
                           for x in res["per_problem"])
         path = self.out / HELDOUT
@@ -246,7 +254,8 @@ class Speedrun:
 
     def trained(self, fn: Callable[[Any], Any], cfg: Any, evaluate: bool = True) -> dict[str, Any]:
         fn(cfg)
-        return {"eval": self.evaluate(Path(cfg.train.out).name)} if evaluate else {}
+        template = cfg.grpo.template if hasattr(cfg, "grpo") else "chat"
+        return {"eval": self.evaluate(Path(cfg.train.out).name, template)} if evaluate else {}
 
     def sampled(self, cfg: SampleConfig) -> dict[str, Any]:
         r = sample(cfg)
@@ -298,6 +307,8 @@ class Speedrun:
         self.stage("base", lambda: self.trained(pretrain, r.pretrain("base")))
         self.stage("sft", lambda: self.trained(sft, r.cold_start("base", "sft")))
         self.stage("grpo", lambda: self.trained(grpo, r.grpo("sft", "grpo")))
+        if self.cfg.r1_zero:
+            self.stage("r1_zero", lambda: self.trained(grpo, r.r1_zero()))
         self.stage("rejection_sampling", lambda: self.sampled(r.rejection_sampling()))
         self.stage("rs_sft", lambda: self.sft_on_samples(r.rs_sft()))
         self.stage("final", self.final)

@@ -31,7 +31,10 @@ def test_every_stage_and_artefact(run_dir):
         assert 0 <= lo <= row["pass@1"] <= hi <= 1 and hi > lo
         assert row["problems_distinct"] == row["problems"] == len(heldout)
     assert len({h["question"] for h in heldout}) == len(heldout) and all(h["answer"] for h in heldout)
-    assert set(report["findings"]) == {"grpo_minus_sft", "distilled_minus_rl_student"}
+    assert set(report["findings"]) == {"grpo_minus_sft", "distilled_minus_rl_student", "cold_start_minus_r1_zero"}
+    zero = [json.loads(x) for x in (run_dir / "r1_zero" / "metrics.jsonl").read_text().splitlines()]
+    assert len(zero) == SpeedrunConfig.preset("minimal").grpo_steps and "eval_pass@1" in zero[0]
+    assert json.loads((run_dir / "r1_zero" / "train_config.json").read_text())["grpo"]["template"] == "r1-zero"
     for f in report["findings"].values():
         lo, hi = f["ci95"]
         assert lo <= f["difference_points"] <= hi and f["reproduced"] == (lo > 0)
@@ -43,7 +46,7 @@ def test_every_stage_and_artefact(run_dir):
     assert teacher["activated"] < teacher["total"]
     for key in ("cpu", "threads", "torch", "git_commit"):
         assert report["environment"][key]
-    assert {"base", "sft", "grpo", "rs_sft", "student_distill", "student_grpo"} <= set(report["seconds"])
+    assert {"base", "sft", "grpo", "r1_zero", "rs_sft", "student_distill", "student_grpo"} <= set(report["seconds"])
     assert 0 <= report["speculative"]["acceptance_rate"] <= 1 and report["speculative"]["speedup"] > 0
     for png in ("loss.png", "grpo.png", "expert_load.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -82,9 +82,10 @@ def explain(a: int, op: str, b: int) -> tuple[int, str]:
 
 @dataclass
 class Arithmetic(Task):
-    digits: int = 2        # operands have 1..digits digits
+    digits: int = 2        # operands have min_digits..digits digits
     operands: int = 2      # numbers in the expression
     mul_digits: int = 1    # a factor of × has at most this many digits; 0 = no ×
+    min_digits: int = 1    # the fewest digits an operand has (the second factor of × excepted)
     name = "arithmetic"
 
     def __post_init__(self) -> None:
@@ -92,6 +93,8 @@ class Arithmetic(Task):
             raise TaskError(f"arithmetic: digits ({self.digits}) must be between 1 and 12")
         if not 2 <= self.operands <= 6:
             raise TaskError(f"arithmetic: operands ({self.operands}) must be between 2 and 6")
+        if not 1 <= self.min_digits <= self.digits:
+            raise TaskError(f"arithmetic: min_digits ({self.min_digits}) must be between 1 and digits ({self.digits})")
         if not 0 <= self.mul_digits <= self.digits:
             raise TaskError(f"arithmetic: mul_digits ({self.mul_digits}) must be between 0 (no ×) and digits")
 
@@ -113,7 +116,11 @@ class Arithmetic(Task):
         return " + ".join(sorted(terms["+"])) + "".join(f" - {t}" for t in sorted(terms["-"]))
 
     def make(self, rng: random.Random) -> Problem:
-        nums = [rng.randint(0, 10 ** rng.randint(1, self.digits) - 1) for _ in range(self.operands)]
+        if self.min_digits == 1:  # the original draw, kept so that seeded streams of existing specs stay the same
+            nums = [rng.randint(0, 10 ** rng.randint(1, self.digits) - 1) for _ in range(self.operands)]
+        else:
+            nums = [rng.randint(10 ** (d - 1), 10 ** d - 1)
+                    for d in (rng.randint(self.min_digits, self.digits) for _ in range(self.operands))]
         ops = [rng.choice("+-*" if self.mul_digits else "+-") for _ in range(self.operands - 1)]
         for i, op in enumerate(ops):
             if op == "*":
