@@ -170,3 +170,28 @@ def test_the_balancing_update_counts_real_tokens_only(tiny_tokenizer):
     mask = torch.cat([real, torch.zeros(2, 6, dtype=torch.bool)], dim=1)
     assert torch.equal(counted_load(padded, mask), plain)  # causal attention: the real tokens route the same
     assert not torch.equal(counted_load(padded, torch.ones_like(mask)), plain)
+
+
+def test_skipping_the_update_of_flat_groups_changes_no_weight(tiny_tokenizer, tmp_path, monkeypatch):
+    """An untrained model scores 0 everywhere: every advantage is zero, and with β = 0 the update's forward
+    and backward are skipped. The weights after 3 steps (AdamW with weight decay) equal those of the full
+    computation."""
+    import minir1.train.grpo as grpo_mod
+    from minir1.train import TrainConfig, train
+
+    def run(skip: bool, out: str) -> dict[str, torch.Tensor]:
+        monkeypatch.setattr(grpo_mod, "SKIP_FLAT_UPDATES", skip)
+        model = model_for(tiny_tokenizer, seed=5)
+        cfg = GRPOConfig(prompts_per_step=2, group_size=4, max_new_tokens=8, beta=0.0)
+        stage = GRPOStage(get_task("arithmetic:digits=1"), tiny_tokenizer, cfg, micro_batch_size=4,
+                          reward_fns={"format": lambda r, a, t: 0.0})
+        stage.counts_routing = False  # as `minir1 grpo` sets it: GRPO's default route_bias_speed is 0
+        train(model, tiny_tokenizer, stage, TrainConfig(out=str(tmp_path / out), steps=3, batch_size=8,
+                                                        micro_batch_size=4, lr=1e-3, weight_decay=0.1,
+                                                        route_bias_speed=0.0, progress=False))
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    full, skipped = run(False, "full"), run(True, "skipped")
+    assert full.keys() == skipped.keys() and all(torch.equal(full[k], skipped[k]) for k in full)
+    start = model_for(tiny_tokenizer, seed=5).state_dict()
+    assert any(not torch.equal(start[k], full[k]) for k in full)  # weight decay moved them: a real step

@@ -37,6 +37,7 @@ from minir1.train.loop import TrainConfig, TrainingError, TrainResult, prepare, 
 
 log = logging.getLogger(__name__)
 LOSSES = ("grpo", "dr_grpo", "dapo")
+SKIP_FLAT_UPDATES = True  # micro-batches whose advantages are all zero (β = 0) skip the forward and backward
 LOG_RATIO_CLAMP = 20.0  # keeps exp() of the KL term finite
 
 
@@ -218,6 +219,9 @@ class GRPOStage:
         cfg.validate()
         self.task, self.tokenizer, self.cfg, self.seed = task, tokenizer, cfg, seed
         self.micro_batch_size = micro_batch_size
+        # Does the loop's balancing update need this stage's expert loads (route_bias_speed > 0)? Then every
+        # micro-batch runs its forward, even one with nothing to learn from.
+        self.counts_routing = True
         self.reward_fns = reward_fns or {
             "format": lambda response, answer, task: format_reward(response),
             "accuracy": lambda response, answer, task: accuracy_reward(response, answer, task),
@@ -362,8 +366,9 @@ class GRPOStage:
                                EvalConfig(n=self.cfg.eval_n, samples=self.cfg.eval_samples,
                                           max_new_tokens=self.cfg.max_new_tokens, template=self.cfg.template,
                                           seed=self.seed, at_most=True))
-                self._eval = {"eval_pass@1": res["pass@1"], "eval_format_rate": res["format_rate"],
-                              "eval_problems": res["problems"],
+                self._eval = {"eval_pass@1": res["pass@1"], "eval_pass@1_ci95": res["pass@1_ci95"],
+                              "eval_format_rate": res["format_rate"], "eval_problems": res["problems"],
+                              "eval_problems_distinct": res["problems_distinct"],
                               "eval_mean_completion_tokens": res["mean_completion_tokens"]}
         # The loop deals micro-batches out round-robin: this is our j-th of n_micro / world. The rows are cut
         # into exactly that many contiguous slices (some empty when dynamic sampling kept fewer rows), so no
@@ -391,6 +396,15 @@ class GRPOStage:
         device = next(model.parameters()).device
         if s.stop <= s.start:
             return torch.zeros((), device=device, requires_grad=True), {}, 0
+        if SKIP_FLAT_UPDATES and self.cfg.beta == 0 and not bool(ro.advantages[s].any()) and \
+                not distributed.info().enabled and not (self.counts_routing and getattr(model, "moe_layers", list)()):
+            # Every advantage is zero and there is no KL term, so the loss and its gradient are exactly zero
+            # (an untrained model's groups all score alike). Skip the forward and backward, but give every
+            # parameter its zero gradient: the optimizer step is the one the full computation takes. (Not
+            # when the balancing update is on: it counts the expert loads of this forward.)
+            zero = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+            return zero, {"entropy": float("nan"), "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0,
+                          "skipped_updates": 1.0}, int(ro.ids[s].numel())
         comp_len = ro.mask.shape[1]
         logp, entropy = completion_logprobs(model, ro.ids[s].to(device), ro.prompt_lens[s].to(device), comp_len,
                                             self.cfg.temperature,
@@ -473,4 +487,5 @@ def grpo(cfg: GRPOStageConfig) -> TrainResult:
     model = load_model(cfg.init)
     ref = make_reference(model) if g.beta > 0 else None
     stage = GRPOStage(task, tokenizer, g, tc.micro_batch_size or completions, tc.seed, ref_model=ref)
+    stage.counts_routing = tc.route_bias_speed > 0
     return train(model, tokenizer, stage, tc)

@@ -6,6 +6,7 @@ whose format is valid and whose answer verifies, as SFT chat data (`minir1 sft -
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +20,19 @@ from minir1.rewards import accuracy_reward, format_reward
 from minir1.tasks import Task
 from minir1.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
+
 
 def rejection_sample(model: CausalLM, tokenizer: Tokenizer, task: Task, n: int, samples: int, *,
                      max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95,
                      template: str = "chat", seed: int = 0) -> list[dict[str, Any]]:
-    """Sample `samples` responses to each of `n` training problems; keep those whose format is valid and
-    whose answer verifies, without duplicates, as SFT chat examples ({"messages": [...]})."""
-    problems = task.take(n, "train", seed)
+    """Sample `samples` responses to each of `n` distinct training problems (all of them when the split has
+    fewer, with a warning); keep those whose format is valid and whose answer verifies, without duplicates,
+    as SFT chat examples ({"messages": [...]})."""
+    problems = task.take(n, "train", seed, at_most=True)
+    if len(problems) < n:
+        log.warning("the train split of %s has %d distinct problems; sampling all of them (asked for %d)",
+                    getattr(task, "spec", task.name), len(problems), n)
     prompts = [build_prompt(tokenizer, p.question, template) for p in problems]
     outs = Engine(model, tokenizer).generate([ids for ids, _ in prompts], SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=samples, seed=seed))
@@ -111,4 +118,5 @@ def sample(cfg: SampleConfig) -> SampleResult:
     rows = rejection_sample(model, tokenizer, task, cfg.n, cfg.samples, max_new_tokens=cfg.max_new_tokens,
                             temperature=cfg.temperature, top_p=cfg.top_p, template=cfg.template, seed=cfg.seed)
     write_jsonl(rows, cfg.out)
-    return SampleResult(Path(cfg.out), len(rows), cfg.n * cfg.samples)
+    n = len(task.take(cfg.n, "train", cfg.seed, at_most=True))
+    return SampleResult(Path(cfg.out), len(rows), n * cfg.samples)
