@@ -230,8 +230,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         ci_text = f"95% CI [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "no interval: " + x.get("note", "")
         verdict = "reproduced" if x["reproduced"] else "**not** reproduced"
         fmt = x.get("format_rate")
-        fmt_text = (f" Format rate {fmt[0]:.2f} against {fmt[1]:.2f}; mean response {x['mean_completion_tokens'][0]:.0f} "
-                    f"against {x['mean_completion_tokens'][1]:.0f} tokens." if fmt else "")
+        length = x.get("mean_completion_tokens") or [0, 0]
+        fmt_text = (f" Format rate {fmt[0]:.2f} against {fmt[1]:.2f}; mean response {length[0]:.0f} against "
+                    f"{length[1]:.0f} tokens." if fmt else "")
         lines.append(f"- `{key}` ({' − '.join(x.get('stages', []))}): **{x['difference_points']:+.1f} points**, "
                      f"{ci_text} — {verdict}. R1: {x['claim']}.{fmt_text}")
     lines.append("")
