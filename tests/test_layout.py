@@ -16,7 +16,7 @@ MODULES = sorted(["minir1"] + [m.name for m in pkgutil.walk_packages([str(ROOT)]
 
 # Layers, lowest first: a module may import its own layer and those below it, never one above.
 LAYERS = [
-    ("base", ["minir1.errors", "minir1.files", "minir1.devices"]),
+    ("base", ["minir1.errors", "minir1.files", "minir1.devices", "minir1.stats"]),
     ("models", ["minir1.models"]),
     ("data", ["minir1.tokenizer", "minir1.tasks", "minir1.rewards", "minir1.reasoning", "minir1.prompting"]),
     ("engine", ["minir1.engine"]),
