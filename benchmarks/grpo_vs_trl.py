@@ -83,14 +83,17 @@ def minir1_steps(ckpt: Path, steps: int, out: Path) -> tuple[list[float], list[f
     return [r["step_s"] for r in rows], [r["completion_tokens"] for r in rows]
 
 
-def trl_steps(ckpt: Path, steps: int, out: Path) -> tuple[list[float], list[float]]:
+def trl_steps(ckpt: Path, steps: int, out: Path, loss: str = "dapo", task_spec: str = TASK,
+              problems: list | None = None) -> tuple[list[float], list[float]]:
+    """TRL's seconds per step and completion tokens per step, after a warm-up step, on `problems` (default:
+    64 training problems of the task) in our chat template's rendering."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
-    task = get_task(TASK)
-    problems = task.take(64, "train", seed=0)
+    task = get_task(task_spec)
+    problems = problems if problems is not None else task.take(64, "train", seed=0)
     ours = Tokenizer.from_pretrained(ckpt)
     rows = [{"prompt": ours.decode(build_prompt(ours, p.question, "chat")[0]), "answer": p.answer}
             for p in problems]
@@ -114,7 +117,7 @@ def trl_steps(ckpt: Path, steps: int, out: Path) -> tuple[list[float], list[floa
                 self.tokens.append(logs["completions/mean_length"] * P * G)
 
     cfg = TRLConfig(output_dir=str(out), per_device_train_batch_size=P * G, num_generations=G,
-                    max_completion_length=MAX_NEW, loss_type="dapo", beta=0.0, learning_rate=LR,
+                    max_completion_length=MAX_NEW, loss_type=loss, beta=0.0, learning_rate=LR,
                     max_steps=steps + 1, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
                     bf16=False, temperature=1.0, disable_tqdm=True, seed=0)
     clock = Clock()
