@@ -249,12 +249,8 @@ int minir1_decode_step(const Dims* d, const Layer* layers, int n_layers, int lay
             moe_index++;
         }
     }
-    if (hidden_out)
-        for (int b = 0; b < B; b++) std::memcpy(hidden_out + (size_t)b * D, &x[(size_t)b * Dp], sizeof(float) * D);
-    const int M = logit_index ? n_logits : B;
-    for (int j = 0; j < M; j++)
-        rmsnorm(&x[(size_t)(logit_index ? logit_index[j] : j) * Dp], final_norm, &xn[(size_t)j * Dp], D, d->eps);
-    gemm(M, d->V, D, xn.data(), Dp, lm_head, logits, pad16(d->V), false, threads);
+    output_head(B, D, Dp, d->V, x.data(), xn.data(), final_norm, lm_head, d->eps, hidden_out, logit_index, n_logits,
+                logits, threads);
     return 0;
 }
 

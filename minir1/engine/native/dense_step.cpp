@@ -172,12 +172,8 @@ int dense_step(const DenseDims* d, const DenseLayer* layers, int n_layers, const
         gemm(B, D, I, h.data(), ldi, static_cast<const W*>(ly.down), x.data(), Dp, true, threads);
         for (int b = 0; b < B; b++) add_bias(&x[(size_t)b * Dp], ly.b_down, D);
     }
-    if (hidden_out)
-        for (int b = 0; b < B; b++) std::memcpy(hidden_out + (size_t)b * D, &x[(size_t)b * Dp], sizeof(float) * D);
-    const int M = logit_index ? n_logits : B;
-    for (int j = 0; j < M; j++)
-        rmsnorm(&x[(size_t)(logit_index ? logit_index[j] : j) * Dp], final_norm, &xn[(size_t)j * Dp], D, d->eps);
-    gemm(M, d->V, D, xn.data(), Dp, lm_head, logits, pad16(d->V), false, threads);
+    output_head(B, D, Dp, d->V, x.data(), xn.data(), final_norm, lm_head, d->eps, hidden_out, logit_index, n_logits,
+                logits, threads);
     return 0;
 }
 
