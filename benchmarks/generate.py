@@ -50,6 +50,20 @@ def run_theirs(model, prompts: torch.Tensor, new: int, seed: int) -> float:
     return prompts.shape[0] * new / dt
 
 
+def interleaved(engine: Engine, model, prompts: torch.Tensor, new: int, repeats: int, warm: int) -> dict:
+    """Both generators on the same prompts, a warm-up each, then `repeats` alternating runs: medians, the median
+    of the per-repeat ratios, and every run."""
+    run_ours(engine, prompts, warm, 0)
+    run_theirs(model, prompts, warm, 0)
+    mine, hf = [], []
+    for r in range(repeats):
+        mine.append(run_ours(engine, prompts, new, r))
+        hf.append(run_theirs(model, prompts, new, r))
+    return {"minir1_tokens_per_s": statistics.median(mine), "transformers_tokens_per_s": statistics.median(hf),
+            "speedup_median": statistics.median(a / h for a, h in zip(mine, hf)), "minir1_runs": mine,
+            "transformers_runs": hf}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16,64")
@@ -77,17 +91,11 @@ def main() -> None:
     print(f"KV cache per token (fp32): {cfg.kv_cache_bytes_per_token(4)}")
     for b in map(int, args.batches.split(",")):
         prompts = torch.randint(0, cfg.vocab_size, (b, args.prompt))
-        run_ours(engine, prompts, 8, 0)
-        run_theirs(theirs, prompts, 8, 0)
-        mine, hf = [], []
-        for r in range(args.repeats):
-            mine.append(run_ours(engine, prompts, args.new, r))
-            hf.append(run_theirs(theirs, prompts, args.new, r))
-        ratio = statistics.median(a / h for a, h in zip(mine, hf))
-        results["batches"][b] = {"minir1_tokens_per_s": statistics.median(mine),
-                                 "transformers_tokens_per_s": statistics.median(hf), "speedup_median": ratio}
-        print(f"batch {b:3d}: minir1 {statistics.median(mine):8,.0f} tok/s   transformers "
-              f"{statistics.median(hf):8,.0f} tok/s   x{ratio:.2f}", flush=True)
+        res = interleaved(engine, theirs, prompts, args.new, args.repeats, warm=8)
+        results["batches"][b] = {k: res[k] for k in ("minir1_tokens_per_s", "transformers_tokens_per_s",
+                                                     "speedup_median")}
+        print(f"batch {b:3d}: minir1 {res['minir1_tokens_per_s']:8,.0f} tok/s   transformers "
+              f"{res['transformers_tokens_per_s']:8,.0f} tok/s   x{res['speedup_median']:.2f}", flush=True)
     if args.mtp_ckpt:
         from minir1 import Tokenizer
         from minir1.tasks import get_task

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generate import run_ours, run_theirs  # noqa: E402  (the same work, timed the same way)
+from generate import interleaved  # noqa: E402  (the same work, timed the same way)
 
 from minir1.checkpoint import load_model  # noqa: E402
 from minir1.engine import Engine  # noqa: E402
@@ -96,18 +96,9 @@ def main() -> None:
             batches = args.batches if dtype == torch.float32 else args.bf16_batches
             for b in map(int, batches.split(",")):
                 prompts = torch.randint(0, SMOLLM2_135M["vocab_size"], (b, args.prompt))
-                run_ours(engine, prompts, 4, 0)
-                run_theirs(theirs, prompts, 4, 0)
-                mine, hf = [], []
-                for r in range(args.repeats):
-                    mine.append(run_ours(engine, prompts, args.new, r))
-                    hf.append(run_theirs(theirs, prompts, args.new, r))
-                ratio = statistics.median(a / h for a, h in zip(mine, hf))
-                row["batches"][b] = {"minir1_tokens_per_s": statistics.median(mine),
-                                     "transformers_tokens_per_s": statistics.median(hf), "speedup_median": ratio,
-                                     "minir1_runs": mine, "transformers_runs": hf}
-                print(f"  batch {b:3d}: minir1 {statistics.median(mine):7,.1f} tok/s   transformers "
-                      f"{statistics.median(hf):7,.1f} tok/s   x{ratio:.2f}", flush=True)
+                res = row["batches"][b] = interleaved(engine, theirs, prompts, args.new, args.repeats, warm=4)
+                print(f"  batch {b:3d}: minir1 {res['minir1_tokens_per_s']:7,.1f} tok/s   transformers "
+                      f"{res['transformers_tokens_per_s']:7,.1f} tok/s   x{res['speedup_median']:.2f}", flush=True)
             del ours, engine, theirs
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
