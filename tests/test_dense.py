@@ -151,3 +151,16 @@ def test_what_is_not_supported_is_a_clear_error(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="missing tensor.*model.layers.1.self_attn.k_proj.bias"):
         Transformer.from_pretrained(tmp_path)
+
+
+def test_a_dense_model_at_a_presets_widths_and_its_errors():
+    from minir1.errors import ConfigError
+    from minir1.models.dense import DenseConfig
+    cfg = DenseConfig.from_preset("qwen2", "tiny", hidden_size=64, num_attention_heads=2)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (64, 2, 1)
+    assert cfg.qkv_bias and not cfg.qk_norm and cfg.tie_word_embeddings
+    assert DenseConfig.from_preset("qwen3", "tiny").qk_norm
+    with pytest.raises(ConfigError, match="unknown dense family 'gpt2'"):
+        DenseConfig.from_preset("gpt2", "tiny")
+    with pytest.raises(ConfigError, match="kv_lora_rank: not a field of a dense llama model"):
+        DenseConfig.from_preset("llama", "tiny", kv_lora_rank=8)

@@ -17,22 +17,29 @@ from minir1.engine import Engine, SamplingParams
 from minir1.models.base import CausalLM
 from minir1.prompting import TEMPLATES, build_prompt
 from minir1.rewards import accuracy_reward, format_reward
-from minir1.tasks import Task
+from minir1.tasks import Problem, Task
 from minir1.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def rejection_sample(model: CausalLM, tokenizer: Tokenizer, task: Task, n: int, samples: int, *,
-                     max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95,
-                     template: str = "chat", seed: int = 0) -> list[dict[str, Any]]:
-    """Sample `samples` responses to each of `n` distinct training problems (all of them when the split has
-    fewer, with a warning); keep those whose format is valid and whose answer verifies, without duplicates,
-    as SFT chat examples ({"messages": [...]})."""
+def take_problems(task: Task, n: int, seed: int) -> list[Problem]:
+    """n distinct training problems, or all of a smaller split (with a warning)."""
     problems = task.take(n, "train", seed, at_most=True)
     if len(problems) < n:
         log.warning("the train split of %s has %d distinct problems; sampling all of them (asked for %d)",
                     getattr(task, "spec", task.name), len(problems), n)
+    return problems
+
+
+def rejection_sample(model: CausalLM, tokenizer: Tokenizer, task: Task, n: int, samples: int, *,
+                     max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95,
+                     template: str = "chat", seed: int = 0,
+                     problems: Sequence[Problem] | None = None) -> list[dict[str, Any]]:
+    """Sample `samples` responses to each of `n` distinct training problems (all of them when the split has
+    fewer, with a warning); keep those whose format is valid and whose answer verifies, without duplicates,
+    as SFT chat examples ({"messages": [...]}). `problems`: the ones `take_problems` chose, when known."""
+    problems = list(problems) if problems is not None else take_problems(task, n, seed)
     prompts = [build_prompt(tokenizer, p.question, template) for p in problems]
     outs = Engine(model, tokenizer).generate([ids for ids, _ in prompts], SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=samples, seed=seed))
@@ -115,8 +122,9 @@ def sample(cfg: SampleConfig) -> SampleResult:
     cfg.validate()
     task = get_task(cfg.task)
     model, tokenizer = load(cfg.ckpt, device=cfg.device)
+    problems = take_problems(task, cfg.n, cfg.seed)
     rows = rejection_sample(model, tokenizer, task, cfg.n, cfg.samples, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, top_p=cfg.top_p, template=cfg.template, seed=cfg.seed)
+                            temperature=cfg.temperature, top_p=cfg.top_p, template=cfg.template, seed=cfg.seed,
+                            problems=problems)
     write_jsonl(rows, cfg.out)
-    n = len(task.take(cfg.n, "train", cfg.seed, at_most=True))
-    return SampleResult(Path(cfg.out), len(rows), n * cfg.samples)
+    return SampleResult(Path(cfg.out), len(rows), len(problems) * cfg.samples)
