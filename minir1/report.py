@@ -150,6 +150,30 @@ def finding(stages: dict[str, Any], a: str, b: str, claim: str) -> dict[str, Any
             "mean_completion_tokens": [ea["mean_completion_tokens"], eb["mean_completion_tokens"]]}
 
 
+def training_scale(out: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """How many problems the run trained on (an upper bound on the distinct ones: every problem any stage
+    drew from the training split, repeats counted) against the task's problem space. Pretraining's count is
+    its metrics' `documents`; the other stages draw a fixed number per step."""
+    from minir1.tasks import get_task
+    per_stage: dict[str, int] = {}
+    for name in ("base", "student_base"):
+        docs = [m.get("documents") for m in read_metrics(out / name / "metrics.jsonl")]
+        if docs and None not in docs:
+            per_stage[name] = int(sum(docs))
+    sft = cfg.get("sft_steps", 0) * cfg.get("batch_size", 0)
+    g = cfg.get("grpo_steps", 0) * cfg.get("prompts_per_step", 0)
+    # stage -> (problems drawn, the directory that shows it ran)
+    fixed = {"sft": (sft, "sft"), "grpo": (g, "grpo"), "r1_zero": (g, "r1_zero"),
+             "rejection_sampling": (cfg.get("rs_problems", 0), "rs_sft"),
+             "distill_data": (cfg.get("distill_problems", 0), "student_distill"),
+             "student_sft": (sft, "student_sft"), "student_grpo": (g, "student_grpo")}
+    per_stage.update({k: n for k, (n, d) in fixed.items() if n and (out / d).exists()})
+    space = get_task(cfg["task"]).problem_space() if cfg.get("task") else None
+    total = sum(per_stage.values())
+    return {"problem_space": space, "trained_problems_at_most": total, "per_stage": per_stage,
+            "space_per_trained_problem": space / total if space and total else None}
+
+
 def write_report(out: Path, state: dict[str, Any]) -> dict[str, Any]:
     out = Path(out)
     stages = state["stages"]
@@ -180,6 +204,7 @@ def write_report(out: Path, state: dict[str, Any]) -> dict[str, Any]:
         "seconds": {name: s["seconds"] for name, s in stages.items()},
         "total_seconds": sum(s["seconds"] for s in stages.values()),
         "parameters": params,
+        "scale": training_scale(out, cfg),
         "stages": rows,
         "findings": findings,
         "speculative": stages.get("speculative", {}),
@@ -193,6 +218,15 @@ def write_report(out: Path, state: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
+def scale_lines(sc: dict[str, Any]) -> list[str]:
+    if not sc.get("trained_problems_at_most"):
+        return []
+    space, ratio = sc.get("problem_space"), sc.get("space_per_trained_problem")
+    return [f"The run trained on at most {sc['trained_problems_at_most']:,} problems (every draw of every stage, "
+            "repeats counted)" + (f"; the task has {space:,} distinct problems, {ratio:,.0f}x as many, so a held-out "
+                                  "problem is almost never a near-copy of a trained one." if space else "."), ""]
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     env, cfg = r["environment"], r["config"]
     k = cfg.get("eval_samples", 1)
@@ -202,6 +236,7 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"0.6 (R1's definition), maj@{k} their majority vote; {problems} distinct held-out problems per stage "
              "(listed in `heldout.jsonl`), the same for every stage; intervals are 95% (Wilson for a pass@1, paired "
              "bootstrap for a difference).", "",
+             *scale_lines(r.get("scale", {})),
              "## Environment", "",
              f"- {env['cpu']} ({env['cpu_count']} cores, {env['threads']} torch threads)"
              + (f", GPU {env['gpu']}" if env["gpu"] else ", no GPU"),

@@ -42,31 +42,34 @@ EVALUATED = ("base", "sft", "grpo", "r1_zero", "rs_sft", "student_distill", "stu
 @dataclass
 class SpeedrunConfig:
     out: str = "runs/speedrun"
-    task: str = "arithmetic:digits=1,mul_digits=0"   # one-digit + and −, worked by counting
+    task: str = "arithmetic:digits=4,min_digits=2,mul_digits=1"  # 2-4 digit + and −, × by one digit: 150M problems
     vocab_size: int = 384
     model_preset: str = "tiny"       # the teacher; the student halves every width (about 5x fewer parameters)
     student_family: str = "qwen2"    # dense, as R1's distilled students; or deepseek_v3, or llama / qwen3
     r1_zero: bool = True             # also run R1-Zero: GRPO from the base model, no cold start (R1 §2.2)
     hidden_size: int = 128
+    num_hidden_layers: int = 4       # the teacher's depth and rotary width (the tiny preset has 3 layers and 8):
+    qk_rope_head_dim: int = 16       # finding a digit by its place needs both (docs/training.md, "The speedrun")
+    qk_nope_head_dim: int = 8
     batch_size: int = 8
     seq_len: int = 128
     pretrain_steps: int = 2000
     pretrain_lr: float = 3e-3
-    student_pretrain_steps: int = 2000
-    sft_steps: int = 60              # cold start: a short SFT that teaches the format
+    student_pretrain_steps: int = 1500
+    sft_steps: int = 200             # cold start: a short SFT that teaches the format
     grpo_steps: int = 60
-    prompts_per_step: int = 16
+    prompts_per_step: int = 8
     group_size: int = 8
     grpo_lr: float = 1e-4
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
     rs_problems: int = 400           # training problems sampled for rejection sampling ...
     rs_samples: int = 4              # ... this many times each
     rs_sft_steps: int = 60
     rs_sft_lr: float = 1e-4
-    distill_problems: int = 800      # the teacher's traces for the student
+    distill_problems: int = 400      # the teacher's traces for the student
     distill_steps: int = 300
-    eval_n: int = 200                # held-out problems per evaluation
-    eval_samples: int = 4            # pass@1 is their mean at temperature 0.6 (R1's), maj@k their vote
+    eval_n: int = 500                # distinct held-out problems per evaluation
+    eval_samples: int = 2            # pass@1 is their mean at temperature 0.6 (R1's), maj@k their vote
     save_every: int = 250
     seed: int = 0
     progress: bool = True
@@ -77,7 +80,8 @@ class SpeedrunConfig:
         one GPU). `minimal`: seconds per stage, for tests."""
         presets: dict[str, dict[str, Any]] = {
             "cpu": {},
-            "gpu": dict(model_preset="small", hidden_size=256, vocab_size=512, task="arithmetic:digits=2,mul_digits=1",
+            "gpu": dict(model_preset="small", hidden_size=256, num_hidden_layers=6, qk_rope_head_dim=16,
+                        qk_nope_head_dim=32, vocab_size=512,
                         batch_size=32, seq_len=256, pretrain_steps=20000, pretrain_lr=1e-3,
                         student_pretrain_steps=20000, sft_steps=200, grpo_steps=300, prompts_per_step=32,
                         group_size=16, max_new_tokens=256, rs_problems=4000, rs_sft_steps=300,
@@ -152,7 +156,9 @@ class Recipe:
 
     def pretrain(self, out: str, student: bool = False) -> PretrainConfig:
         c = self.cfg
-        model = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, **(c.student_overrides() if student else {})}
+        model = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, **(c.student_overrides() if student else {
+            "num_hidden_layers": c.num_hidden_layers, "qk_rope_head_dim": c.qk_rope_head_dim,
+            "qk_nope_head_dim": c.qk_nope_head_dim})}
         base = PretrainConfig(task=c.task, preset=c.model_preset, model=model, tokenizer=self.path("tokenizer"),
                               family=c.student_family if student else "deepseek_v3")
         steps = c.student_pretrain_steps if student else c.pretrain_steps

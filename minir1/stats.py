@@ -51,6 +51,8 @@ def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    if p in (0.0, 1.0):  # the bound at 0 or 1 is exact (centre - half is only 1e-19 away by rounding)
+        return (0.0, centre + half) if p == 0.0 else (centre - half, 1.0)
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 

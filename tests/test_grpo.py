@@ -176,6 +176,28 @@ def test_grpo_steps_with_kl_mu_and_dynamic_sampling(policy, tiny_tokenizer, tmp_
     assert rows[1]["kl"] >= 0 and any(r["kl"] > 0 for r in rows[1:])  # the policy moved away from the reference
 
 
+def test_the_engine_kept_across_steps_generates_from_the_updated_weights(policy, tiny_tokenizer, tmp_path):
+    """GRPO keeps its engine (and the native decoder's packed weights) from step to step. The fused AdamW step
+    writes the weights without bumping their version counters, which is how the packing notices a change; the
+    loop bumps them. Then the kept engine's greedy completions equal those of a fresh engine."""
+    from minir1.engine import Engine, SamplingParams
+    cfg = GRPOConfig(prompts_per_step=2, group_size=4, max_new_tokens=8, loss="dapo", beta=0.0)
+    gen = torch.Generator().manual_seed(0)
+    stage = GRPOStage(get_task("arithmetic:digits=1"), tiny_tokenizer, cfg, micro_batch_size=8,
+                      reward_fns={"format": lambda r, a, t: float(torch.rand(1, generator=gen))})
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    train(policy, tiny_tokenizer, stage, TrainConfig(out=str(tmp_path), steps=3, batch_size=8, lr=3e-2,
+                                                     route_bias_speed=0.0, progress=False))  # GRPO's default
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    kept = stage._engine
+    assert kept is not None and kept.model is policy
+    prompts = [tiny_tokenizer.encode(q) for q in ("What is 3 + 4?", "What is 9 - 2?")]
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=[])
+    policy.eval()
+    assert [c.token_ids for c in kept.generate(prompts, greedy)] == \
+        [c.token_ids for c in Engine(policy, tiny_tokenizer).generate(prompts, greedy)]
+
+
 def test_rejection_sampling_keeps_only_verified_completions(tmp_path, tiny_tokenizer):
     """An untrained model verifies nothing; `minir1 sample` then writes an empty, valid file. (That its
     output trains with `minir1 sft --data` is shown end to end in test_training.py.)"""

@@ -11,7 +11,7 @@ import torch
 
 from minir1 import ModelConfig, Transformer
 from minir1.tasks import get_task
-from minir1.train.grpo import GRPOConfig, GRPOStage, completion_logprobs
+from minir1.train.grpo import GRPOConfig, GRPOStage, completion_logprobs, length_buckets
 from minir1.train.loop import backward_step
 from minir1.train.sft import IGNORE, SFTStage
 
@@ -152,6 +152,43 @@ def test_engine_logprobs_of_ragged_rollouts_equal_the_training_forward(tiny_toke
         torch.testing.assert_close(logp[row, :n], torch.tensor(out.logprobs), atol=1e-4, rtol=0)
 
 
+def test_length_buckets_cover_every_row_once_and_cut_only_where_it_pays():
+    totals = [80, 40, 79, 41, 60, 61, 20, 81, 40, 80]
+    groups = length_buckets(totals, overhead=64)
+    assert sorted(i for g in groups for i in g) == list(range(len(totals)))
+    assert len(groups) > 1
+    for a, b in zip(groups, groups[1:]):  # sorted: every row of a group no longer than the next group's
+        assert max(totals[i] for i in a) <= min(totals[i] for i in b)
+    assert len(length_buckets([80] * 8 + [75] * 8, overhead=64)) == 1  # 40 padded tokens < one more forward
+    assert len(length_buckets([80] * 8 + [20] * 8, overhead=64)) == 2
+    cost = lambda gs: sum(len(g) * max(totals[i] for i in g) + 64 for g in gs)  # noqa: E731
+    assert cost(groups) <= cost([list(range(len(totals)))])
+
+
+def test_bucketed_logprobs_equal_the_padded_forward(tiny_tokenizer, monkeypatch):
+    """Cutting the rows into length groups changes no log-prob (and no gradient) beyond rounding."""
+    import minir1.train.grpo as grpo_mod
+    monkeypatch.setattr(grpo_mod, "FORWARD_OVERHEAD_TOKENS", 4)  # tiny rows: cut them anyway
+    model = model_for(tiny_tokenizer, seed=5).train()
+    stage = ragged_rollout_stage(tiny_tokenizer, model, "dapo", micro_batch_size=12)
+    ro = stage.rollout(model, 0)
+    C = ro.mask.shape[1]
+    lengths = torch.tensor([1, 2, 3, C, C, C, 2, 1, C, 3, 2, 1])[:ro.ids.shape[0]].clamp_max(ro.lengths)
+    assert len(length_buckets((ro.prompt_lens + lengths).tolist())) > 1
+    mask = (torch.arange(C)[None] < lengths[:, None]).float()
+
+    def logp_and_grad(lens: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logp, _ = completion_logprobs(model, ro.ids, ro.prompt_lens, C, 1.0, lens)
+        (logp * mask).sum().backward()
+        return (logp * mask).detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole, g_whole = logp_and_grad(None)
+    cut, g_cut = logp_and_grad(lengths)
+    torch.testing.assert_close(cut, whole, atol=1e-5, rtol=0)
+    assert_same_gradient(g_whole, g_cut)
+
+
 def test_the_balancing_update_counts_real_tokens_only(tiny_tokenizer):
     """Padding appended to a row changes no expert's count in the load that steers the bias."""
     model = model_for(tiny_tokenizer, seed=4).train()
@@ -170,6 +207,31 @@ def test_the_balancing_update_counts_real_tokens_only(tiny_tokenizer):
     mask = torch.cat([real, torch.zeros(2, 6, dtype=torch.bool)], dim=1)
     assert torch.equal(counted_load(padded, mask), plain)  # causal attention: the real tokens route the same
     assert not torch.equal(counted_load(padded, torch.ones_like(mask)), plain)
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo"])
+def test_leaving_out_the_rows_of_flat_groups_changes_no_gradient(tiny_tokenizer, monkeypatch, loss):
+    """With β = 0 the completions of a group whose rewards are all equal (advantage 0) add nothing: leaving
+    them out of the forward gives the full computation's gradient, for each loss type and micro-batching."""
+    import minir1.train.grpo as grpo_mod
+    model = model_for(tiny_tokenizer, seed=6)
+    calls = {"n": 0}
+    gen = torch.Generator().manual_seed(0)
+
+    def reward(response, answer, task):  # group 1 of 3 (4 completions each) scores alike: flat
+        i, calls["n"] = calls["n"], calls["n"] + 1
+        return 0.5 if (i % 12) // 4 == 1 else float(torch.rand(1, generator=gen))
+
+    stage = ragged_rollout_stage(tiny_tokenizer, model, loss, micro_batch_size=12)
+    stage.reward_fns = {"format": reward}
+    stage.counts_routing = False
+    monkeypatch.setattr(grpo_mod, "SKIP_FLAT_UPDATES", False)
+    full = step_gradient(model, stage, 1)
+    ro = stage._rollouts
+    assert int((ro.advantages == 0).sum()) == 4 and int((ro.advantages != 0).sum()) == 8
+    monkeypatch.setattr(grpo_mod, "SKIP_FLAT_UPDATES", True)
+    for n_micro in (1, 3):
+        assert_same_gradient(full, step_gradient(model, stage, n_micro))
 
 
 def test_skipping_the_update_of_flat_groups_changes_no_weight(tiny_tokenizer, tmp_path, monkeypatch):

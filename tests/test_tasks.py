@@ -59,6 +59,39 @@ def test_arithmetic_solutions_are_correct_and_think_before_answering():
         assert all(", so " in line or re.fullmatch(r".* = -?\d+", line) for line in p.solution.splitlines())
 
 
+def test_column_working_names_places_and_carries_the_result_so_far():
+    """The last bracket of the working is the result (what a small model copies instead of reversing digits)."""
+    from minir1.tasks.arithmetic import explain
+    assert explain(74, "+", 46) == (120, "ones 4+6=10 (0), tens 7+4+1=12 (120), so 74 + 46 = 120")
+    assert explain(826, "-", 141)[1] == "ones 6-1=5 (5), tens 12-4=8 borrow (85), hundreds 7-1=6 (685), " \
+                                        "so 826 - 141 = 685"
+    assert explain(89, "*", 5)[1] == "ones 9×5=45 (5), tens 8×5+4=44 (445), so 89 × 5 = 445"
+    task = get_task("arithmetic:digits=4,min_digits=2,mul_digits=1")
+    for p in task.take(300):
+        brackets = re.findall(r"\((\d+)\)", p.solution)
+        assert int(brackets[-1]) == abs(int(p.answer)), p.solution
+
+
+@pytest.mark.parametrize("spec", ["arithmetic:digits=1,mul_digits=0", "arithmetic:digits=1",
+                                  "arithmetic:digits=2,min_digits=2,mul_digits=1"])
+def test_problem_space_counts_the_distinct_problems_exactly(spec):
+    """Checked against exhaustive sampling of small spaces (every canonical form the generator reaches)."""
+    import random
+    task = get_task(spec)
+    rng = random.Random(0)
+    seen = {task.canonical(task.make(rng).question) for _ in range(40 * task.problem_space())}
+    assert task.problem_space() == len(seen)
+
+
+def test_the_default_speedrun_task_is_far_larger_than_what_a_run_trains_on():
+    from minir1.speedrun import SpeedrunConfig
+    c = SpeedrunConfig()
+    docs_per_step = c.batch_size * c.seq_len / 40  # a document is over 40 tokens
+    trained = c.pretrain_steps * docs_per_step * 2 + 10 * (c.distill_problems + c.rs_problems)
+    assert get_task(c.task).problem_space() >= 100 * trained
+    assert c.eval_n >= 500
+
+
 def _evaluate(expr: str) -> int:
     tokens = expr.split()
     values, ops = [int(tokens[0])], []

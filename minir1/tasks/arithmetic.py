@@ -10,41 +10,59 @@ from minir1.tasks.base import Problem, Task, TaskError
 SYMBOL = {"+": "+", "-": "-", "*": "×"}
 
 
+PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions")
+
+
+def place(i: int) -> str:
+    return PLACES[i] if i < len(PLACES) else f"10^{i}"
+
+
+# The column procedures below name each column's place and carry the result so far in brackets, written in
+# the order it is read, so a small model never reverses digits: the answer is the last bracket, copied.
+# Measured (greedy, 300 held-out 2-3 digit +, - and × problems, 2,000 pretraining steps of the tiny teacher):
+# the plain working 9%, with place names 16%; with both, 4 layers and 16 rotary dims 61% (docs/training.md).
+
 def column_addition(a: int, b: int) -> str:
-    """Digit-by-digit addition of two non-negative integers, right to left, carries written out."""
+    """Digit-by-digit addition of two non-negative integers, right to left, carries written out:
+    `ones 4+6=10 (0), tens 7+4+1=12 (120)` for 74 + 46."""
     da, db = str(a)[::-1], str(b)[::-1]
-    carry, steps = 0, []
-    for i in range(max(len(da), len(db))):
+    n = max(len(da), len(db))
+    carry, steps, result = 0, [], ""
+    for i in range(n):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
         s = x + y + carry
-        steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={s}")
+        result = (str(s) if i == n - 1 else str(s % 10)) + result  # the last column writes its carry too
+        steps.append(f"{place(i)} {x}+{y}" + (f"+{carry}" if carry else "") + f"={s} ({result})")
         carry = s // 10
     return ", ".join(steps)
 
 
 def column_subtraction(a: int, b: int) -> str:
-    """Digit-by-digit a - b for a >= b >= 0, right to left, borrows written out."""
+    """Digit-by-digit a - b for a >= b >= 0, right to left, borrows written out:
+    `ones 6-1=5 (5), tens 12-4=8 borrow (85), hundreds 7-1=6 (685)` for 826 - 141."""
     da, db = str(a)[::-1], str(b)[::-1]
-    borrow, steps = 0, []
+    borrow, steps, result = 0, [], ""
     for i in range(len(da)):
         x = int(da[i]) - borrow
         y = int(db[i]) if i < len(db) else 0
         if x < y:
-            steps.append(f"{x + 10}-{y}={x + 10 - y} borrow")
-            borrow = 1
+            d, work, borrow = x + 10 - y, f"{x + 10}-{y}={x + 10 - y} borrow", 1
         else:
-            steps.append(f"{x}-{y}={x - y}")
-            borrow = 0
+            d, work, borrow = x - y, f"{x}-{y}={x - y}", 0
+        result = str(d) + result
+        steps.append(f"{place(i)} {work} ({result})")
     return ", ".join(steps)
 
 
 def column_multiplication(a: int, d: int) -> str:
-    """Digit-by-digit a × d for a single digit d, carries written out."""
-    carry, steps = 0, []
-    for ch in str(a)[::-1]:
+    """Digit-by-digit a × d for a single digit d, carries written out: `ones 9×5=45 (5), tens 8×5+4=44 (445)`."""
+    digits = str(a)[::-1]
+    carry, steps, result = 0, [], ""
+    for i, ch in enumerate(digits):
         s = int(ch) * d + carry
-        steps.append(f"{ch}×{d}" + (f"+{carry}" if carry else "") + f"={s}")
+        result = (str(s) if i == len(digits) - 1 else str(s % 10)) + result
+        steps.append(f"{place(i)} {ch}×{d}" + (f"+{carry}" if carry else "") + f"={s} ({result})")
         carry = s // 10
     return ", ".join(steps)
 
@@ -114,6 +132,19 @@ class Arithmetic(Task):
             sign, factors = op, [n]
         terms[sign].append("×".join(sorted(factors, key=int)))
         return " + ".join(sorted(terms["+"])) + "".join(f" - {t}" for t in sorted(terms["-"]))
+
+    def problem_space(self) -> int:
+        """Distinct problems in canonical form: exact for two operands (a + b = b + a counted once), an upper
+        bound for more (the orderings of commuting terms are counted apart)."""
+        low = 0 if self.min_digits == 1 else 10 ** (self.min_digits - 1)
+        n = 10 ** self.digits - low  # possible operands
+        if self.operands == 2:
+            products = 0
+            if self.mul_digits:  # a × d with d < 10^mul_digits; a × d = d × a when both can be either factor
+                both = max(0, min(10 ** self.digits, 10 ** self.mul_digits) - low)
+                products = n * 10 ** self.mul_digits - both * (both - 1) // 2
+            return n * (n + 1) // 2 + n * n + products
+        return n ** self.operands * (3 if self.mul_digits else 2) ** (self.operands - 1)
 
     def make(self, rng: random.Random) -> Problem:
         if self.min_digits == 1:  # the original draw, kept so that seeded streams of existing specs stay the same

@@ -81,6 +81,11 @@ class Task:
         it: no held-out problem has a twin in training."""
         return " ".join(question.split())
 
+    def problem_space(self) -> int | None:
+        """How many distinct problems (canonical forms) the generator can make, or None when unknown: a claim
+        that a run generalises needs it to be far larger than the number of problems the run trained on."""
+        return None
+
     def heldout(self, p: Problem) -> bool:
         return is_heldout(self.canonical(p.question))
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from minir1.engine import Completion, Engine, SamplingParams
@@ -37,7 +38,8 @@ from minir1.train.loop import TrainConfig, TrainingError, TrainResult, prepare, 
 
 log = logging.getLogger(__name__)
 LOSSES = ("grpo", "dr_grpo", "dapo")
-SKIP_FLAT_UPDATES = True  # micro-batches whose advantages are all zero (β = 0) skip the forward and backward
+SKIP_FLAT_UPDATES = True  # completions whose advantage is zero (β = 0) skip the forward and backward
+FORWARD_OVERHEAD_TOKENS = 256  # what one more forward + backward costs, in tokens (length_buckets)
 LOG_RATIO_CLAMP = 20.0  # keeps exp() of the KL term finite
 
 
@@ -165,12 +167,54 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
     return LossParts(loss, (kl * mask).sum() / tokens, (low * mask).sum() / tokens, (high * mask).sum() / tokens)
 
 
+def length_buckets(totals: Sequence[int], overhead: int | None = None) -> list[list[int]]:
+    """Rows (by their real length) grouped so that each group is padded only to its own longest row: the
+    rows sorted by length and cut where the padding saved pays for one more forward, which costs about
+    `overhead` tokens' worth of fixed work (default FORWARD_OVERHEAD_TOKENS; a dynamic programme over the
+    distinct lengths)."""
+    overhead = FORWARD_OVERHEAD_TOKENS if overhead is None else overhead
+    order = sorted(range(len(totals)), key=lambda i: totals[i])
+    widths = sorted(set(totals))
+    count = [sum(1 for t in totals if t <= w) for w in widths]  # rows up to each width
+    best, cut = [0.0], [0]
+    for j, w in enumerate(widths, start=1):
+        options = [(best[i] + (count[j - 1] - (count[i - 1] if i else 0)) * w + overhead, i) for i in range(j)]
+        b, i = min(options)
+        best.append(b)
+        cut.append(i)
+    groups, j = [], len(widths)
+    while j > 0:
+        i = cut[j]
+        lo, hi = (count[i - 1] if i else 0), count[j - 1]
+        groups.append(order[lo:hi])
+        j = i
+    return groups[::-1]
+
+
 def completion_logprobs(model: CausalLM, ids: Tensor, prompt_lens: Tensor, comp_len: int,
                         temperature: float, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Log-probabilities of the completion tokens under softmax(logits / temperature) — the same
     distribution as the engine's logprobs — and the per-token entropy. ids [N, L] hold each prompt then
-    its completion, right-padded; returns [N, comp_len]. `lengths` [N] (completion tokens per row) keeps the
-    padding out of the expert loads that steer the balancing bias."""
+    its completion, right-padded; returns [N, comp_len]. With `lengths` [N] (completion tokens per row) the
+    padding costs nothing: rows of similar length run together, each group cut to its own longest row
+    (`length_buckets`), and the padding stays out of the expert loads that steer the balancing bias."""
+    if lengths is None:
+        return _logprobs(model, ids, prompt_lens, comp_len, temperature, None)
+    totals = (prompt_lens + lengths.clamp_min(1)).tolist()
+    parts, rows = [], []
+    for group in length_buckets(totals):
+        r = torch.tensor(group, device=ids.device)
+        width, cp = max(totals[i] for i in group), max(int(lengths[r].max()), 1)
+        logp, entropy = _logprobs(model, ids[r, :width], prompt_lens[r], cp, temperature, lengths[r])
+        parts.append((F.pad(logp, (0, comp_len - cp)), F.pad(entropy, (0, comp_len - cp))))
+        rows += group
+    back = torch.empty(len(rows), dtype=torch.long, device=ids.device)
+    back[torch.tensor(rows, device=ids.device)] = torch.arange(len(rows), device=ids.device)
+    return torch.cat([p[0] for p in parts])[back], torch.cat([p[1] for p in parts])[back]
+
+
+def _logprobs(model: CausalLM, ids: Tensor, prompt_lens: Tensor, comp_len: int, temperature: float,
+              lengths: Tensor | None) -> tuple[Tensor, Tensor]:
     index = prompt_lens[:, None] - 1 + torch.arange(comp_len, device=ids.device)[None]   # predicting positions
     index = index.clamp_max(ids.shape[1] - 2)
     counted = None
@@ -229,6 +273,7 @@ class GRPOStage:
         self.weights = {"format": cfg.format_weight, "accuracy": cfg.accuracy_weight}
         self.ref_model = ref_model
         self._rollouts: Rollouts | None = None
+        self._engine: Engine | None = None
         self._generation = -1
         self._step_start = 0.0
         self._eval: dict[str, float] = {}
@@ -250,7 +295,10 @@ class GRPOStage:
     # -- one batch of rollouts -----------------------------------------------------------------------------
     def rollout(self, model: CausalLM, generation: int) -> Rollouts:
         cfg, G = self.cfg, self.cfg.group_size
-        engine = Engine(model, self.tokenizer)
+        if self._engine is None or self._engine.model is not model:
+            # Kept from step to step: its native decoder repacks the changed weights into the same buffers.
+            self._engine = Engine(model, self.tokenizer)
+        engine = self._engine
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 n=G, seed=hash((self.seed, generation)) % 2**62)
         kept: list[tuple[Problem, list[int], str, list[Completion], Tensor, dict[str, Tensor]]] = []
@@ -329,7 +377,9 @@ class GRPOStage:
         """Old-policy log-probs (when μ > 1) and reference log-probs (when β > 0), micro-batch by micro-batch."""
         def logp_of(policy: CausalLM) -> Tensor:
             return torch.cat([completion_logprobs(policy, ro.ids[s].to(device), ro.prompt_lens[s].to(device),
-                                                  comp_len, self.cfg.temperature)[0].cpu() for s in self._slices(ro)])
+                                                  comp_len, self.cfg.temperature,
+                                                  None if ro.lengths is None else ro.lengths[s].to(device))[0].cpu()
+                              for s in self._slices(ro)])
 
         device = next(model.parameters()).device
         old = ref = None
@@ -396,30 +446,36 @@ class GRPOStage:
         device = next(model.parameters()).device
         if s.stop <= s.start:
             return torch.zeros((), device=device, requires_grad=True), {}, 0
-        if SKIP_FLAT_UPDATES and self.cfg.beta == 0 and not bool(ro.advantages[s].any()) and \
-                not distributed.info().enabled and not (self.counts_routing and getattr(model, "moe_layers", list)()):
-            # Every advantage is zero and there is no KL term, so the loss and its gradient are exactly zero
-            # (an untrained model's groups all score alike). Skip the forward and backward, but give every
-            # parameter its zero gradient: the optimizer step is the one the full computation takes. (Not
-            # when the balancing update is on: it counts the expert loads of this forward.)
-            zero = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
-            return zero, {"entropy": float("nan"), "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0,
-                          "skipped_updates": 1.0}, int(ro.ids[s].numel())
+        rows: slice | Tensor = s
+        if SKIP_FLAT_UPDATES and self.cfg.beta == 0 and not distributed.info().enabled and \
+                not (self.counts_routing and getattr(model, "moe_layers", list)()):
+            # A completion whose advantage is zero adds exactly nothing to the loss or its gradient when there is
+            # no KL term (the normalisers are the whole step's), so only the others run the forward and backward:
+            # the rows of groups whose rewards were all equal are left out. (Not when the balancing update is on:
+            # it counts the expert loads of every row.)
+            rows = s.start + torch.nonzero(ro.advantages[s]).flatten()
+            if rows.numel() == 0:
+                # Nothing to learn from in this micro-batch (an untrained model's groups all score alike): every
+                # parameter gets its zero gradient, so the optimizer step is the one the full computation takes.
+                zero = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+                return zero, {"entropy": float("nan"), "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0,
+                              "skipped_updates": 1.0}, int(ro.ids[s].numel())
         comp_len = ro.mask.shape[1]
-        logp, entropy = completion_logprobs(model, ro.ids[s].to(device), ro.prompt_lens[s].to(device), comp_len,
-                                            self.cfg.temperature,
-                                            None if ro.lengths is None else ro.lengths[s].to(device))
-        mask = ro.mask[s].to(device)
-        old = ro.old_logp[s].to(device) if ro.old_logp is not None else logp.detach()  # μ = 1: ratio exactly 1
-        ref = ro.ref_logp[s].to(device) if ro.ref_logp is not None else None
+        logp, entropy = completion_logprobs(model, ro.ids[rows].to(device), ro.prompt_lens[rows].to(device),
+                                            comp_len, self.cfg.temperature,
+                                            None if ro.lengths is None else ro.lengths[rows].to(device))
+        mask = ro.mask[rows].to(device)
+        old = ro.old_logp[rows].to(device) if ro.old_logp is not None else logp.detach()  # μ = 1: ratio exactly 1
+        ref = ro.ref_logp[rows].to(device) if ro.ref_logp is not None else None
         d = distributed.info()
         n = ro.ids.shape[0] * d.world  # the whole batch's completions, all processes together
-        parts = grpo_loss(logp, old, ro.advantages[s].to(device), mask, loss_type=self.cfg.loss,
+        parts = grpo_loss(logp, old, ro.advantages[rows].to(device), mask, loss_type=self.cfg.loss,
                           epsilon=self.cfg.epsilon, epsilon_high=self.cfg.epsilon_high, beta=self.cfg.beta,
                           ref_logp=ref, max_new_tokens=self.cfg.max_new_tokens, n_completions=n,
                           n_tokens=ro.batch_tokens)
         # The loop averages micro-batch losses; these already add up to the batch loss, so undo the average.
         tokens = float(mask.sum().clamp_min(1))
+        # (entropy, kl and the clip fractions are over the completions that ran: those with signal)
         metrics = {"entropy": float((entropy * mask).sum() / tokens), "kl": float(parts.kl.detach()),
                    "clip_low": float(parts.clip_low), "clip_high": float(parts.clip_high)}
         return parts.loss * n_micro, metrics, int(ro.ids[s].numel())

@@ -453,6 +453,9 @@ def _steps(model: CausalLM, wrapped: torch.nn.Module, tokenizer: Tokenizer, stag
                                     f"({grad_norm}); stopping before the optimizer step. "
                                     f"{_where_to_go_back(out, live)}. Try a lower --lr or --grad-clip.")
             opt.step()
+            # The fused AdamW kernel writes the weights without bumping their version counters: bump them, so
+            # that what caches on them (the engine's packed weights, kept across GRPO's rollouts) sees the change.
+            torch.autograd.graph.increment_version([p for g in opt.param_groups for p in g["params"]])
             opt.zero_grad(set_to_none=True)
             bad = _first_non_finite(wrapped, d)  # a finite gradient can still overflow a weight
             if bad is not None:

@@ -55,6 +55,7 @@ class PretrainStage:
 
     def __post_init__(self) -> None:
         self._rows = StepRows(self._step_rows)
+        self._documents = 0  # problems drawn for the current step (metrics.jsonl `documents`)
 
     def batch(self, step: int, micro: int, n_micro: int) -> Tensor:
         """[micro_batch_size, seq_len + 1] tokens: documents (BOS … EOS) packed end to end; rows of the
@@ -66,10 +67,12 @@ class PretrainStage:
         need = rows * (self.seq_len + 1)
         ids: list[int] = []
         bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        self._documents = 0
         while len(ids) < need:
             p = self.task.make(rng)
             if self.task.heldout(p):
                 continue  # the held-out split is never trained on
+            self._documents += 1
             ids += ([bos] if bos is not None else []) + self.tokenizer.encode(document(p)) + \
                 ([eos] if eos is not None else [])
         return torch.tensor(ids[:need]).view(rows, self.seq_len + 1)
@@ -93,6 +96,11 @@ class PretrainStage:
             loss = loss + out.aux_loss
             metrics["balance_loss"] = float(out.aux_loss.detach())
         return loss, metrics, x.numel()
+
+    def step_metrics(self) -> dict[str, float]:
+        """`documents`: the problems this step trained on (whole or cut at a row's end): their sum over the run
+        bounds the number of distinct problems pretraining saw."""
+        return {"documents": float(self._documents)}
 
     def config(self) -> dict[str, Any]:
         return {"task": getattr(self.task, "spec", self.task.name), "mtp_weight": self.mtp_weight,
