@@ -49,7 +49,7 @@ class SpeedrunConfig:
     r1_zero: bool = True             # also run R1-Zero: GRPO from the base model, no cold start (R1 §2.2)
     hidden_size: int = 128
     num_hidden_layers: int = 4       # the teacher's depth and rotary width (the tiny preset has 3 layers and 8):
-    qk_rope_head_dim: int = 16       # finding a digit by its place needs both (docs/training.md, "The speedrun")
+    qk_rope_head_dim: int = 16       # finding a digit by its place needs both (docs/training.md, the speedrun)
     qk_nope_head_dim: int = 8
     batch_size: int = 8
     seq_len: int = 128
