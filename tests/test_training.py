@@ -283,9 +283,11 @@ def test_pretrain_sft_grpo_and_rejection_sampling_end_to_end(tmp_path, capsys):
     rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_pass@1" in r]
     assert [r["step"] for r in evals] == [1, 31]
-    # The held-out set is the split's 18 distinct problems x 4 samples (it was 60 draws with replacement):
-    # measured +0.125 from this start.
-    assert evals[1]["eval_format_rate"] >= evals[0]["eval_format_rate"] + 0.1, evals
+    # The held-out set is the split's 24 distinct problems x 4 samples: measured +0.125 from one start (Intel
+    # Xeon), 0.927 -> 0.990 from another (AMD EPYC, whose rounding sends SFT elsewhere): so either 10 points
+    # more, or at least half of what was missing.
+    before, after = evals[0]["eval_format_rate"], evals[1]["eval_format_rate"]
+    assert after >= before + 0.1 or 1 - after <= 0.5 * (1 - before), evals
     for key in ("reward_mean", "reward_std", "reward_format", "reward_accuracy", "accuracy", "format_rate",
                 "zero_std_groups", "completion_len_mean", "completion_len_max", "truncated_frac", "entropy", "kl",
                 "clip_low", "clip_high", "grad_norm", "generate_s", "score_s", "train_s", "step_s",
