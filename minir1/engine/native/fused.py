@@ -106,6 +106,10 @@ class PackedWeights:
         self._buffers: dict[str, Tensor] = {}
 
     def stale(self) -> bool:
+        """A weight was replaced or written in place since the last pack, by its storage and version counter.
+        A kernel that writes weights without bumping the counter (torch's fused AdamW) is not seen: minir1's
+        training loop bumps the counters after every step; a loop of your own must too
+        (`torch.autograd.graph.increment_version`), or build a new Engine."""
         return self._current_signature() != self.signature
 
     def _current_signature(self) -> tuple:
