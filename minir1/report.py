@@ -152,21 +152,20 @@ def finding(stages: dict[str, Any], a: str, b: str, claim: str) -> dict[str, Any
 
 def training_scale(out: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """How many problems the run trained on (an upper bound on the distinct ones: every problem any stage
-    drew from the training split, repeats counted) against the task's problem space. Pretraining's count is
-    its metrics' `documents`; the other stages draw a fixed number per step."""
+    drew from the training split, repeats counted) against the task's problem space. Pretraining and SFT
+    (which pack several examples a row) count theirs in their metrics' `documents`; the other stages draw a
+    fixed number per step."""
     from minir1.tasks import get_task
     per_stage: dict[str, int] = {}
-    for name in ("base", "student_base"):
+    for name in ("base", "sft", "student_base", "student_sft"):
         docs = [m.get("documents") for m in read_metrics(out / name / "metrics.jsonl")]
         if docs and None not in docs:
             per_stage[name] = int(sum(docs))
-    sft = cfg.get("sft_steps", 0) * cfg.get("batch_size", 0)
     g = cfg.get("grpo_steps", 0) * cfg.get("prompts_per_step", 0)
     # stage -> (problems drawn, the directory that shows it ran)
-    fixed = {"sft": (sft, "sft"), "grpo": (g, "grpo"), "r1_zero": (g, "r1_zero"),
+    fixed = {"grpo": (g, "grpo"), "r1_zero": (g, "r1_zero"),
              "rejection_sampling": (cfg.get("rs_problems", 0), "rs_sft"),
-             "distill_data": (cfg.get("distill_problems", 0), "student_distill"),
-             "student_sft": (sft, "student_sft"), "student_grpo": (g, "student_grpo")}
+             "distill_data": (cfg.get("distill_problems", 0), "student_distill"), "student_grpo": (g, "student_grpo")}
     per_stage.update({k: n for k, (n, d) in fixed.items() if n and (out / d).exists()})
     space = get_task(cfg["task"]).problem_space() if cfg.get("task") else None
     total = sum(per_stage.values())

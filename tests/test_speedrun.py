@@ -48,6 +48,16 @@ def test_every_stage_and_artefact(run_dir):
         assert report["environment"][key]
     assert {"base", "sft", "grpo", "r1_zero", "rs_sft", "student_distill", "student_grpo"} <= set(report["seconds"])
     assert 0 <= report["speculative"]["acceptance_rate"] <= 1 and report["speculative"]["speedup"] > 0
+    # What the run trained on, against the task's problem space: pretraining and SFT count what they drew.
+    scale, cfg = report["scale"], report["config"]
+    stage_metrics = [json.loads(x) for x in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert scale["per_stage"]["sft"] == sum(int(m["documents"]) for m in stage_metrics) >= cfg["sft_steps"] * \
+        cfg["batch_size"]
+    assert scale["per_stage"]["base"] > cfg["pretrain_steps"] and scale["per_stage"]["grpo"] == \
+        cfg["grpo_steps"] * cfg["prompts_per_step"]
+    assert scale["trained_problems_at_most"] == sum(scale["per_stage"].values())
+    from minir1.tasks import get_task
+    assert scale["problem_space"] == get_task(cfg["task"]).problem_space()
     for png in ("loss.png", "grpo.png", "expert_load.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (run_dir / "report.md").read_text()

@@ -80,6 +80,7 @@ class SFTStage:
         if self.conversations is not None:
             self._pairs = [p for c in self.conversations for p in encode_conversation(self.tokenizer, c)]
         self._rows = StepRows(self._step_rows)
+        self._documents = 0
 
     def _examples(self, rng: random.Random):
         if self.task is not None:
@@ -109,10 +110,12 @@ class SFTStage:
         docs = torch.full_like(ids, -1)
         real = torch.zeros_like(ids, dtype=torch.bool)
         examples = self._examples(rng)
+        self._documents = 0  # examples drawn for this step
         for row in range(rows):
             used, doc = 0, 0
             while used < T:
                 prompt, completion = next(examples)
+                self._documents += 1
                 seq = (prompt + completion)[:T + 1]
                 if len(seq) - 1 > T - used:
                     if used:  # does not fit: leave the rest of the row as padding
@@ -152,6 +155,11 @@ class SFTStage:
             step_targets, n_micro = n_targets, 1
         loss = total * (n_micro / max(step_targets, 1))  # no targets anywhere: 0, never NaN
         return loss, {"target_tokens": n_targets}, b["ids"].numel()
+
+    def step_metrics(self) -> dict[str, float]:
+        """`documents`: the examples this step drew (a row packs several short ones): their sum over the run
+        bounds the number of distinct problems SFT saw."""
+        return {"documents": float(self._documents)}
 
     def config(self) -> dict[str, Any]:
         return {"data": self.data_source, "seq_len": self.seq_len, "examples": len(self._pairs) or None}
