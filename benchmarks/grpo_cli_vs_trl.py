@@ -63,10 +63,7 @@ def make_questions(path: Path, n: int = 400) -> None:
                                         "solution": explain(a, "+", b)[1]}) + "\n" for a, b in rows))
 
 
-SFT_STEPS = {"trained": 150}
-
-
-def train_checkpoint(ckpt: Path, questions: Path, out: Path, steps: int) -> None:
+def train_checkpoint(ckpt: Path, questions: Path, out: Path, steps: int = 150) -> None:
     """The untrained checkpoint after SFT on the questions' worked solutions: it writes the format, and some
     groups get different rewards (so some advantages are not zero)."""
     subprocess.run([sys.executable, "-m", "minir1", "sft", "--init", str(ckpt), "--task", f"jsonl:{questions}",
@@ -106,16 +103,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
+    kinds = args.checkpoints.split(",")
+    if set(kinds) - {"untrained", "trained"}:
+        ap.error(f"--checkpoints: choose from untrained, trained (got {args.checkpoints})")
     assert trl_steps  # imported for the child processes' sake, and to fail early without TRL
     results: dict = {"steps": STEPS, "prompts_per_step": P, "group_size": G, "max_new_tokens": MAX_NEW, "cases": {}}
     with tempfile.TemporaryDirectory() as d:
         ckpt, questions = Path(d) / "ckpt", Path(d) / "qa.jsonl"
         make_checkpoint(ckpt)
         make_questions(questions)
-        kinds = args.checkpoints.split(",")
-        for kind in kinds:
-            if kind != "untrained":
-                train_checkpoint(ckpt, questions, Path(d) / kind, SFT_STEPS[kind])
+        if "trained" in kinds:
+            train_checkpoint(ckpt, questions, Path(d) / "trained")
         cases = [(kind, loss) for kind in kinds for loss in args.losses.split(",")]
         for kind, loss in cases:
             init = ckpt if kind == "untrained" else Path(d) / kind
