@@ -201,8 +201,11 @@ def completion_logprobs(model: CausalLM, ids: Tensor, prompt_lens: Tensor, comp_
     if lengths is None:
         return _logprobs(model, ids, prompt_lens, comp_len, temperature, None)
     totals = (prompt_lens + lengths.clamp_min(1)).tolist()
+    groups = length_buckets(totals)
+    if len(groups) == 1:  # one group: the rows as they are, no gather and scatter
+        return _logprobs(model, ids[:, :max(totals)], prompt_lens, comp_len, temperature, lengths)
     parts, rows = [], []
-    for group in length_buckets(totals):
+    for group in groups:
         r = torch.tensor(group, device=ids.device)
         width, cp = max(totals[i] for i in group), max(int(lengths[r].max()), 1)
         logp, entropy = _logprobs(model, ids[r, :width], prompt_lens[r], cp, temperature, lengths[r])
