@@ -107,6 +107,10 @@ class SpeedrunConfig:
         if self.student_family not in ("deepseek_v3", *FAMILIES):
             raise ValueError(f"student_family {self.student_family!r}: choose deepseek_v3 or one of "
                              f"{', '.join(FAMILIES)}")
+        from minir1.models.deepseek_v3 import ModelConfig
+        ModelConfig.from_preset(self.model_preset, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                                num_hidden_layers=self.num_hidden_layers, qk_rope_head_dim=self.qk_rope_head_dim,
+                                qk_nope_head_dim=self.qk_nope_head_dim)  # the teacher's: a bad width fails here
         GRPOConfig(prompts_per_step=self.prompts_per_step, group_size=self.group_size,
                    max_new_tokens=self.max_new_tokens).validate()
         counts = {k: getattr(self, k) for k in ("pretrain_steps", "student_pretrain_steps", "sft_steps", "grpo_steps",

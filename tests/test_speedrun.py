@@ -119,6 +119,9 @@ def test_bad_settings_fail_before_the_first_stage(tmp_path, capsys):
     assert not (tmp_path / "tokenizer").exists()
     assert main(["speedrun", "--preset", "minimal", "--grpo-steps", "0", "--out", str(tmp_path)]) == 1
     assert "grpo_steps (0)" in capsys.readouterr().err
+    assert main(["speedrun", "--preset", "minimal", "--qk-rope-head-dim", "7", "--out", str(tmp_path)]) == 1
+    assert "qk_rope_head_dim (7) must be even" in capsys.readouterr().err
+    assert not (tmp_path / "tokenizer").exists()  # the teacher's widths are checked before anything runs
 
 
 def test_chat_works_on_the_final_checkpoint(run_dir):
