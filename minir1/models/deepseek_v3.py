@@ -687,38 +687,41 @@ class Transformer(CausalLM):
     # -- the forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: Any = None,
                 mtp: bool = False, return_dict: bool = False, logits_at: Tensor | None = None,
-                doc_ids: Tensor | None = None, counted: Tensor | None = None) -> Tensor | ModelOutput:
+                doc_ids: Tensor | None = None, counted: Tensor | None = None,
+                attn_mask: Tensor | None = None) -> Tensor | ModelOutput:
         """input_ids [B, T] -> logits [B, T, V], or only at the positions `logits_at` of each row: [B] gives
         [B, 1, V], [B, K] gives [B, K, V] (the head and its gradient skip every other position).
 
         `positions` [B, T] defaults to 0..T-1. `cache` (an engine cache) switches attention to the
         latent-cache decoding path. `mtp=True` also runs the MTP modules over the same hidden states.
         `doc_ids` [B, T] marks the documents packed in each row: attention never crosses them (pass
-        positions that restart at each document too). `counted` [B, T] (bool) marks the real tokens:
-        only they count in the expert loads that steer the balancing bias (padding does not).
+        positions that restart at each document too). `attn_mask` [B, T, T] (bool, True where token i may
+        attend to token j) replaces the causal mask outright, e.g. a prefix tree's ancestors
+        (minir1/train/prefix_tree.py); `counted` [B, T] (bool) marks the real tokens: only they count in the
+        expert loads that steer the balancing bias (padding does not).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        mask = attn_mask[:, None] if attn_mask is not None else None if doc_ids is None else document_mask(doc_ids)
         if counted is None:
-            return self._forward(input_ids, positions, cache, mtp, return_dict, logits_at, doc_ids)
+            return self._forward(input_ids, positions, cache, mtp, return_dict, logits_at, mask)
         moe = self.moe_layers()
         for m in moe:
             m.counted = counted
         try:
-            return self._forward(input_ids, positions, cache, mtp, return_dict, logits_at, doc_ids)
+            return self._forward(input_ids, positions, cache, mtp, return_dict, logits_at, mask)
         finally:
             for m in moe:
                 m.counted = None
 
     def _forward(self, input_ids: Tensor, positions: Tensor | None, cache: Any, mtp: bool, return_dict: bool,
-                 logits_at: Tensor | None, doc_ids: Tensor | None) -> Tensor | ModelOutput:
+                 logits_at: Tensor | None, mask: Tensor | None) -> Tensor | ModelOutput:
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         scale = self.rotary.softmax_scale
-        mask = None if doc_ids is None else document_mask(doc_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, scale, cache, mask)
         hidden = x

@@ -322,7 +322,8 @@ class DenseTransformer(CausalLM):
 
     def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: Any = None,
                 mtp: bool = False, return_dict: bool = False, logits_at: Tensor | None = None,
-                doc_ids: Tensor | None = None, counted: Tensor | None = None) -> Tensor | ModelOutput:
+                doc_ids: Tensor | None = None, counted: Tensor | None = None,
+                attn_mask: Tensor | None = None) -> Tensor | ModelOutput:
         """As DeepSeek-V3's Transformer.forward (minir1/models/deepseek_v3.py); `mtp` and `counted` (for expert
         balancing) have nothing to act on here."""
         if input_ids.dim() != 2:
@@ -332,7 +333,7 @@ class DenseTransformer(CausalLM):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
-        mask = None if doc_ids is None else document_mask(doc_ids)
+        mask = attn_mask[:, None] if attn_mask is not None else None if doc_ids is None else document_mask(doc_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, mask)
         hidden = x

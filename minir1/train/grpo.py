@@ -35,6 +35,7 @@ from minir1.tasks import Problem, Task
 from minir1.tokenizer import Tokenizer
 from minir1.train import distributed
 from minir1.train.loop import TrainConfig, TrainingError, TrainResult, prepare, train
+from minir1.train.prefix_tree import PrefixForest, forest_logprobs, pair_cost, prefix_tries
 
 log = logging.getLogger(__name__)
 LOSSES = ("grpo", "dr_grpo", "dapo")
@@ -67,6 +68,7 @@ class GRPOConfig:
     eval_n: int = 50                   # held-out problems per evaluation
     eval_samples: int = 1              # completions per problem: 1 = greedy; more = R1's pass@1 at temperature 0.6
     reward_time_budget: float = 10.0   # seconds the LaTeX checks of one batch may take; later ones score 0
+    share_prefixes: bool = True        # the update runs each distinct prefix of a group once (a prefix tree)
 
     def validate(self) -> None:
         for name in ("temperature", "top_p", "beta", "epsilon", "epsilon_high", "format_weight", "accuracy_weight"):
@@ -192,16 +194,27 @@ def length_buckets(totals: Sequence[int], overhead: int | None = None) -> list[l
 
 
 def completion_logprobs(model: CausalLM, ids: Tensor, prompt_lens: Tensor, comp_len: int,
-                        temperature: float, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                        temperature: float, lengths: Tensor | None = None,
+                        share_prefixes: bool = False) -> tuple[Tensor, Tensor]:
     """Log-probabilities of the completion tokens under softmax(logits / temperature) — the same
     distribution as the engine's logprobs — and the per-token entropy. ids [N, L] hold each prompt then
     its completion, right-padded; returns [N, comp_len]. With `lengths` [N] (completion tokens per row) the
     padding costs nothing: rows of similar length run together, each group cut to its own longest row
-    (`length_buckets`), and the padding stays out of the expert loads that steer the balancing bias."""
+    (`length_buckets`), and the padding stays out of the expert loads that steer the balancing bias. With
+    `share_prefixes`, rows with the same prompt run as one prefix tree when that is cheaper: each distinct
+    prefix once (minir1/train/prefix_tree.py)."""
     if lengths is None:
         return _logprobs(model, ids, prompt_lens, comp_len, temperature, None)
     totals = (prompt_lens + lengths.clamp_min(1)).tolist()
     groups = length_buckets(totals)
+    if share_prefixes:
+        forests = plan_forests(model, ids, prompt_lens, lengths, totals, groups)
+        if forests is not None:
+            parts = [forest_logprobs(model, f, comp_len, temperature) for f in forests]
+            order = torch.cat([f.rows for f in forests])
+            back = torch.empty_like(order)
+            back[order] = torch.arange(len(order), device=order.device)
+            return torch.cat([p[0] for p in parts])[back], torch.cat([p[1] for p in parts])[back]
     if len(groups) == 1:  # one group: the rows as they are, no gather and scatter
         return _logprobs(model, ids[:, :max(totals)], prompt_lens, comp_len, temperature, lengths)
     parts, rows = [], []
@@ -214,6 +227,23 @@ def completion_logprobs(model: CausalLM, ids: Tensor, prompt_lens: Tensor, comp_
     back = torch.empty(len(rows), dtype=torch.long, device=ids.device)
     back[torch.tensor(rows, device=ids.device)] = torch.arange(len(rows), device=ids.device)
     return torch.cat([p[0] for p in parts])[back], torch.cat([p[1] for p in parts])[back]
+
+
+def plan_forests(model: CausalLM, ids: Tensor, prompt_lens: Tensor, lengths: Tensor, totals: list[int],
+                 groups: list[list[int]]) -> list[PrefixForest] | None:
+    """The rows' prefix tries, in forwards of similar-sized tries (`length_buckets`), if they cost less
+    than the rows run in their length groups; else None. Cost in tokens' worth: nodes (padded) plus
+    pair_cost x attention pairs (a full square under a mask; the rows' causal squares), plus the fixed
+    cost of each forward."""
+    c = pair_cost(model)
+    tries = prefix_tries(ids, prompt_lens, lengths, c)
+    sizes = tries.sizes
+    buckets = length_buckets(sizes)
+    tree = sum(len(b) * max(sizes[i] for i in b) * (1 + c * max(sizes[i] for i in b)) for b in buckets)
+    rows = sum(len(g) * max(totals[i] for i in g) for g in groups) + c * sum(t * t for t in totals) / 2
+    if tree + FORWARD_OVERHEAD_TOKENS * len(buckets) >= rows + FORWARD_OVERHEAD_TOKENS * len(groups):
+        return None
+    return [tries.pack(b, ids.device) for b in buckets]
 
 
 def _logprobs(model: CausalLM, ids: Tensor, prompt_lens: Tensor, comp_len: int, temperature: float,
@@ -381,7 +411,8 @@ class GRPOStage:
         def logp_of(policy: CausalLM) -> Tensor:
             return torch.cat([completion_logprobs(policy, ro.ids[s].to(device), ro.prompt_lens[s].to(device),
                                                   comp_len, self.cfg.temperature,
-                                                  None if ro.lengths is None else ro.lengths[s].to(device))[0].cpu()
+                                                  None if ro.lengths is None else ro.lengths[s].to(device),
+                                                  share_prefixes=self.cfg.share_prefixes)[0].cpu()
                               for s in self._slices(ro)])
 
         device = next(model.parameters()).device
@@ -395,6 +426,11 @@ class GRPOStage:
             if self.cfg.beta > 0 and self.ref_model is not None:
                 ref = logp_of(self.ref_model.to(device))
         return old, ref
+
+    def _share_prefixes(self, model: CausalLM) -> bool:
+        # A prefix tree counts a shared token's expert load once, not once per rollout through it: when the
+        # balancing update reads those loads, the rows run apart.
+        return self.cfg.share_prefixes and not (self.counts_routing and getattr(model, "moe_layers", list)())
 
     def _slices(self, ro: Rollouts) -> list[slice]:
         n = ro.ids.shape[0]
@@ -466,7 +502,8 @@ class GRPOStage:
         comp_len = ro.mask.shape[1]
         logp, entropy = completion_logprobs(model, ro.ids[rows].to(device), ro.prompt_lens[rows].to(device),
                                             comp_len, self.cfg.temperature,
-                                            None if ro.lengths is None else ro.lengths[rows].to(device))
+                                            None if ro.lengths is None else ro.lengths[rows].to(device),
+                                            share_prefixes=self._share_prefixes(model))
         mask = ro.mask[rows].to(device)
         old = ro.old_logp[rows].to(device) if ro.old_logp is not None else logp.detach()  # μ = 1: ratio exactly 1
         ref = ro.ref_logp[rows].to(device) if ro.ref_logp is not None else None

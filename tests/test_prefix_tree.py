@@ -1,0 +1,162 @@
+"""The prefix tree of a GRPO batch (minir1/train/prefix_tree.py): each distinct prefix once, with the same
+log-probs and gradients as the rows run apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minir1.models.dense import DenseConfig, DenseTransformer
+from minir1.train.grpo import completion_logprobs, length_buckets, plan_forests
+from minir1.train.prefix_tree import forest_logprobs, pair_cost, prefix_tries
+from tests.test_invariance import (
+    assert_same_gradient,
+    model_for,
+    ragged_rollout_stage,
+    step_gradient,
+)
+
+PAD = 0
+
+
+def batch(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt, completion) pairs -> ids [N, L] right-padded, prompt_lens, lengths."""
+    L = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), L), PAD)
+    for r, (p, c) in enumerate(rows):
+        ids[r, :len(p) + len(c)] = torch.tensor(p + c)
+    return ids, torch.tensor([len(p) for p, _ in rows]), torch.tensor([len(c) for _, c in rows])
+
+
+def test_the_tries_hold_each_distinct_prefix_once_and_a_node_sees_only_its_ancestors():
+    a, b = [5, 6, 7], [5, 6]
+    ids, pl, lens = batch([(a, [1, 2, 3]), (b, [9]), (a, [1, 2, 4]), (a, [1, 2])])  # the last: a prefix of both
+    tries = prefix_tries(ids, pl, lens)
+    assert tries.members == [[0, 2, 3], [1]]
+    assert tries.sizes == [3 + 3 + 1, 2 + 1]
+    forest = tries.pack()
+    assert forest.nodes == 10
+    tok, pos, mask = forest.ids[0], forest.positions[0], forest.attn_mask[0]
+    four = int((tok == 4).nonzero())
+    three = int((tok == 3).nonzero())
+    assert int(pos[four]) == int(pos[three]) == 5  # both at the position they have in their rollout
+    assert mask[four].tolist() == [True] * 5 + [False, True]  # the prompt, 1, 2 and itself: not the 3
+    # every completion token's log-prob comes from the node before it, with the token as its target
+    assert forest.rows.tolist() == [0, 2, 3, 1]
+    for i, r in enumerate(forest.rows.tolist()):
+        p, n = int(pl[r]), int(lens[r])
+        assert forest.targets[i, :n].tolist() == ids[r, p:p + n].tolist()
+        assert forest.valid[i].sum() == n
+
+
+def dense_model(vocab: int) -> DenseTransformer:
+    torch.manual_seed(0)
+    return DenseTransformer(DenseConfig(model_type="qwen2", vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        qkv_bias=True))
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2"])
+def test_the_forest_gives_the_rows_log_probs_and_gradient(tiny_tokenizer, family):
+    """Ragged rollouts (prompts of different lengths, completions that end early), with duplicates so that
+    completions share prefixes: the forest's log-probs, entropies and gradient equal the rows run apart."""
+    teacher = model_for(tiny_tokenizer, seed=7).eval()
+    stage = ragged_rollout_stage(tiny_tokenizer, teacher, "grpo", micro_batch_size=12)
+    ro = stage.rollout(teacher, 0)
+    keep = [0, 1, 1, 2, 4, 5, 5, 8, 9, 10, 11]  # rows 1 and 5 twice: whole completions shared
+    ids, pl, lens = ro.ids[keep], ro.prompt_lens[keep], ro.lengths[keep].clone()
+    lens[2] = max(1, int(lens[2]) // 2)  # a completion that is a prefix of its twin
+    C = ro.mask.shape[1]
+    model = model_for(tiny_tokenizer, seed=8) if family == "deepseek_v3" else dense_model(tiny_tokenizer.vocab_size)
+    model.train()
+    mask = (torch.arange(C)[None] < lens[:, None]).float()
+    weight = torch.randn(len(keep), C, generator=torch.Generator().manual_seed(0))
+
+    def run(tree: bool):
+        model.zero_grad()
+        if tree:
+            forest = prefix_tries(ids, pl, lens).pack()
+            logp, ent = forest_logprobs(model, forest, C, 0.7)
+            back = torch.empty_like(forest.rows)
+            back[forest.rows] = torch.arange(len(back))
+            logp, ent = logp[back], ent[back]
+        else:
+            logp, ent = completion_logprobs(model, ids, pl, C, 0.7, lens)
+        (logp * mask * weight).sum().backward()
+        return (logp * mask).detach(), ent * mask, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                      if p.grad is not None}
+
+    rows, tree = run(False), run(True)
+    tries = prefix_tries(ids, pl, lens)
+    assert sum(tries.sizes) < int((pl + lens).sum())  # something really is shared
+    torch.testing.assert_close(tree[0], rows[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(tree[1], rows[1], atol=1e-5, rtol=0)
+    a, b = rows[2], tree[2]
+    flat_a, flat_b = torch.cat([a[k].flatten() for k in a]), torch.cat([b[k].flatten() for k in a])
+    assert a.keys() == b.keys()
+    assert float((flat_a - flat_b).norm() / flat_a.norm()) < 1e-5
+
+
+def test_the_tree_runs_only_where_it_is_cheaper(tiny_tokenizer):
+    model = model_for(tiny_tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 300, (16,), generator=gen).tolist()
+
+    def plan(rows):
+        ids, pl, lens = batch(rows)
+        totals = (pl + lens).tolist()
+        return plan_forests(model, ids, pl, lens, totals, length_buckets(totals))
+
+    # 8 short rollouts of one prompt, alike for their first 30 tokens: the shared tokens save more than the
+    # packed row's attention costs
+    stem = torch.randint(3, 300, (30,), generator=gen).tolist()
+    alike = [(prompt, stem + torch.randint(3, 300, (10,), generator=gen).tolist()) for _ in range(8)]
+    forests = plan(alike)
+    assert forests is not None and sum(f.nodes for f in forests) < 8 * 56
+    assert sorted(int(r) for f in forests for r in f.rows) == list(range(8))
+    # 8 long rollouts sharing nothing but a short prompt: a packed row's square attention would cost more
+    apart = [(prompt[:4], torch.randint(3, 300, (400,), generator=gen).tolist()) for _ in range(8)]
+    assert plan(apart) is None
+
+
+def test_a_prompts_rollouts_are_cut_into_smaller_tries_where_attention_costs_more_than_sharing_saves():
+    gen = torch.Generator().manual_seed(1)
+    prompt = [7] * 10
+    rows = [(prompt, [5] * 6 + torch.randint(3, 300, (40,), generator=gen).tolist()) for _ in range(8)]
+    ids, pl, lens = batch(rows)
+    assert prefix_tries(ids, pl, lens).sizes == [10 + 6 + 8 * 40]  # no pair cost: one trie
+    cut = prefix_tries(ids, pl, lens, pair_cost=0.05)
+    assert len(cut.sizes) > 1 and sorted(r for m in cut.members for r in m) == list(range(8))
+    cost = lambda sizes: sum(n + 0.05 * n * n for n in sizes)  # noqa: E731
+    assert cost(cut.sizes) < cost([10 + 6 + 8 * 40])
+
+
+def test_pair_cost_follows_the_models_shapes(tiny_tokenizer):
+    small, dense = model_for(tiny_tokenizer), dense_model(tiny_tokenizer.vocab_size)
+    for m in (small, dense):
+        assert 0 < pair_cost(m) < 1
+    # the same attention on a model with more matrix work per token: a pair is worth fewer tokens
+    assert pair_cost(dense_model(tiny_tokenizer.vocab_size)) > pair_cost(
+        DenseTransformer(DenseConfig(model_type="qwen2", vocab_size=tiny_tokenizer.vocab_size, hidden_size=32,
+                                     intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2)))
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo"])
+def test_sharing_prefixes_changes_no_grpo_gradient(tiny_tokenizer, loss, monkeypatch):
+    """The GRPO step's gradient with the update's prefix trees equals that of every row run apart, for each
+    loss type and micro-batching; and the trees really run."""
+    import minir1.train.grpo as grpo_mod
+    model = model_for(tiny_tokenizer, seed=9)
+    stage = ragged_rollout_stage(tiny_tokenizer, model, loss, micro_batch_size=12)
+    stage.counts_routing = False
+    stage.cfg.share_prefixes = False
+    apart = step_gradient(model, stage, 1)
+    stage.cfg.share_prefixes = True
+    calls = []
+    monkeypatch.setattr(grpo_mod, "pair_cost", lambda m: 1e-9)  # tiny rows: make the trees the cheaper plan
+    real = grpo_mod.forest_logprobs
+    monkeypatch.setattr(grpo_mod, "forest_logprobs", lambda *a: calls.append(1) or real(*a))
+    for n_micro in (1, 3):
+        assert_same_gradient(apart, step_gradient(model, stage, n_micro))
+    assert calls
