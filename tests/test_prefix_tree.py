@@ -58,21 +58,26 @@ def dense_model(vocab: int) -> DenseTransformer:
                                         qkv_bias=True))
 
 
+def shared_rollouts(tiny_tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Ragged rollouts (prompts of different lengths, completions that end early) with whole completions
+    shared (rows 1 and 5 twice) and one completion a prefix of its twin: ids, prompt_lens, lengths, C."""
+    teacher = model_for(tiny_tokenizer, seed=7).eval()
+    ro = ragged_rollout_stage(tiny_tokenizer, teacher, "grpo", micro_batch_size=12).rollout(teacher, 0)
+    keep = [0, 1, 1, 2, 4, 5, 5, 8, 9, 10, 11]
+    ids, pl, lens = ro.ids[keep], ro.prompt_lens[keep], ro.lengths[keep].clone()
+    lens[2] = max(1, int(lens[2]) // 2)
+    return ids, pl, lens, ro.mask.shape[1]
+
+
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen2"])
 def test_the_forest_gives_the_rows_log_probs_and_gradient(tiny_tokenizer, family):
     """Ragged rollouts (prompts of different lengths, completions that end early), with duplicates so that
     completions share prefixes: the forest's log-probs, entropies and gradient equal the rows run apart."""
-    teacher = model_for(tiny_tokenizer, seed=7).eval()
-    stage = ragged_rollout_stage(tiny_tokenizer, teacher, "grpo", micro_batch_size=12)
-    ro = stage.rollout(teacher, 0)
-    keep = [0, 1, 1, 2, 4, 5, 5, 8, 9, 10, 11]  # rows 1 and 5 twice: whole completions shared
-    ids, pl, lens = ro.ids[keep], ro.prompt_lens[keep], ro.lengths[keep].clone()
-    lens[2] = max(1, int(lens[2]) // 2)  # a completion that is a prefix of its twin
-    C = ro.mask.shape[1]
+    ids, pl, lens, C = shared_rollouts(tiny_tokenizer)
     model = model_for(tiny_tokenizer, seed=8) if family == "deepseek_v3" else dense_model(tiny_tokenizer.vocab_size)
     model.train()
     mask = (torch.arange(C)[None] < lens[:, None]).float()
-    weight = torch.randn(len(keep), C, generator=torch.Generator().manual_seed(0))
+    weight = torch.randn(len(ids), C, generator=torch.Generator().manual_seed(0))
 
     def run(tree: bool):
         model.zero_grad()
@@ -102,13 +107,9 @@ def test_the_forest_gives_the_rows_log_probs_and_gradient(tiny_tokenizer, family
 def test_the_forests_fp32_gradient_is_as_accurate_as_the_rows(tiny_tokenizer, monkeypatch):
     """The forest sums a shared prefix's gradient once instead of once per rollout: a different rounding,
     not a less accurate one. Against the float64 gradient, its fp32 error is that of the rows'."""
-    teacher = model_for(tiny_tokenizer, seed=7).eval()
-    ro = ragged_rollout_stage(tiny_tokenizer, teacher, "grpo", micro_batch_size=12).rollout(teacher, 0)
-    keep = [0, 1, 1, 2, 4, 5, 5, 8, 9, 10, 11]
-    ids, pl, lens = ro.ids[keep], ro.prompt_lens[keep], ro.lengths[keep]
-    C = ro.mask.shape[1]
+    ids, pl, lens, C = shared_rollouts(tiny_tokenizer)
     model = model_for(tiny_tokenizer, seed=8).train()
-    weight = torch.randn(len(keep), C, generator=torch.Generator().manual_seed(0))
+    weight = torch.randn(len(ids), C, generator=torch.Generator().manual_seed(0))
     mask = (torch.arange(C)[None] < lens[:, None])
 
     def grad(m, share: bool) -> torch.Tensor:
@@ -119,7 +120,8 @@ def test_the_forests_fp32_gradient_is_as_accurate_as_the_rows(tiny_tokenizer, mo
         return torch.cat([p.grad.double().flatten() for p in m.parameters() if p.grad is not None])
 
     import minir1.train.grpo as grpo_mod
-    monkeypatch.setattr(grpo_mod, "plan_forests", lambda m, ids, pl, lens, *_: [prefix_tries(ids, pl, lens).pack()])
+    monkeypatch.setattr(grpo_mod, "pair_cost", lambda m: 1e-9)  # tiny rows: make the trees the cheaper plan
+    assert plan_forests(model, ids, pl, lens, (pl + lens).tolist(), length_buckets((pl + lens).tolist()))
     exact = grad(copy.deepcopy(model).double(), False)
     rows, tree = grad(model, False), grad(model, True)
     err_rows, err_tree = float((rows - exact).norm() / exact.norm()), float((tree - exact).norm() / exact.norm())
