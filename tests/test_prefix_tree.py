@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+import minir1.train.grpo as grpo_mod
 from minir1.models.dense import DenseConfig, DenseTransformer
 from minir1.train.grpo import completion_logprobs, length_buckets, plan_forests
 from minir1.train.prefix_tree import forest_logprobs, pair_cost, prefix_tries
@@ -119,7 +120,6 @@ def test_the_forests_fp32_gradient_is_as_accurate_as_the_rows(tiny_tokenizer, mo
         (logp * mask.to(dtype) * weight.to(dtype)).sum().backward()
         return torch.cat([p.grad.double().flatten() for p in m.parameters() if p.grad is not None])
 
-    import minir1.train.grpo as grpo_mod
     monkeypatch.setattr(grpo_mod, "pair_cost", lambda m: 1e-9)  # tiny rows: make the trees the cheaper plan
     assert plan_forests(model, ids, pl, lens, (pl + lens).tolist(), length_buckets((pl + lens).tolist()))
     exact = grad(copy.deepcopy(model).double(), False)
@@ -177,7 +177,6 @@ def test_pair_cost_follows_the_models_shapes(tiny_tokenizer):
 def test_sharing_prefixes_changes_no_grpo_gradient(tiny_tokenizer, loss, monkeypatch):
     """The GRPO step's gradient with the update's prefix trees equals that of every row run apart, for each
     loss type and micro-batching; and the trees really run."""
-    import minir1.train.grpo as grpo_mod
     model = model_for(tiny_tokenizer, seed=9)
     stage = ragged_rollout_stage(tiny_tokenizer, model, loss, micro_batch_size=12)
     stage.counts_routing = False
