@@ -35,6 +35,22 @@ def test_console_script_help():
     assert "info" in out.stdout
 
 
+def test_loading_a_checkpoint_does_not_import_dynamo(tmp_path):
+    """Drawing an init on the meta device imports torch._dynamo (about 2 s): loading a checkpoint, of either
+    family, must not, or every generate / chat / serve start-up pays for it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(tmp_path / "v3")
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "qwen2")
+    code = ("import sys; from minir1.checkpoint import load_model; "
+            "models = [load_model(p) for p in sys.argv[1:]]; "
+            "print(all(m.embed_tokens.weight.abs().sum() > 0 for m in models), 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "v3"), str(tmp_path / "qwen2")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"], out.stdout + out.stderr
+
+
 # ---- generate and chat ------------------------------------------------------------------------------------
 
 import io  # noqa: E402

@@ -651,7 +651,12 @@ class Transformer(CausalLM):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # On the meta device (where checkpoints are loaded) the embedding is given its empty weight, so it skips its
+        # own normal_ init, which there would import torch._dynamo: 2 s of every start-up. Elsewhere it draws as
+        # usual, so a seed gives the same fresh weights as it always has.
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=weight if weight.is_meta else None)
         self.rotary = RotaryEmbedding(config)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -665,6 +670,8 @@ class Transformer(CausalLM):
     # -- construction --------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        if self.embed_tokens.weight.is_meta:  # shapes only (a checkpoint's weights come next): nothing to draw
+            return
         std = self.config.initializer_range
         for name, p in self.named_parameters():
             if name.endswith("norm.weight") or ".enorm." in name or ".hnorm." in name:
