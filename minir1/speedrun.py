@@ -4,26 +4,40 @@
       -> rejection sampling + SFT on the verified samples (§2.3.3) -> final
     student (a dense Qwen2 model, about 5x smaller): pretrain -> SFT on the teacher's verified traces
                                          (distillation, §2.4: R1's students are dense Qwen2/Llama models)
-                                         -> cold-start SFT + GRPO with the teacher's budget (§4.1's comparison)
+                   against the same student's GRPO from its base with the teacher's RL budget (RL alone:
+                   §4.1's comparison), and its cold-start SFT + GRPO (a stronger baseline, reported too)
 
 Every stage is one of minir1's stage functions (the ones the CLI's commands call), given its typed config;
 each stage is evaluated on held-out problems as soon as it finishes. `<out>/speedrun_state.json` records finished
 stages, so a run that is interrupted and started again continues from the last finished stage (and a
 training stage from its last checkpoint). The report (`report.md`, `report.json`, plots) is written last.
+
+On a CPU the stages run in two lanes at once, one process each with half the cores: the teacher's chain
+(base -> sft -> grpo -> rs_sft -> distillation), and beside it the student's own chain (student_base ->
+student_zero, student_sft -> student_grpo) and R1-Zero (which needs only the base). These models are small enough that a
+training step barely uses a second core (2,000 pretraining steps of the teacher took 0.13 s each on 2
+threads and 0.14 s on 1), so the second lane comes almost free. `--no-parallel` runs them one after another.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import multiprocessing
+import os
 import shutil
+import sys
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from minir1.devices import apply_thread_budget, set_thread_budget
 from minir1.errors import TrainingError
 from minir1.evaluate import EvalConfig, EvaluateConfig, evaluate_checkpoint
 from minir1.files import DiskFullError
@@ -35,8 +49,9 @@ from minir1.train.sample import SampleConfig, sample
 from minir1.train.sft import SFTConfig, sft
 
 STATE = "speedrun_state.json"
+SIDE_LOG = "side_lane.log"  # what the second lane's process prints
 HELDOUT = "heldout.jsonl"  # the exact held-out problems every stage was evaluated on
-EVALUATED = ("base", "sft", "grpo", "r1_zero", "rs_sft", "student_distill", "student_grpo")
+EVALUATED = ("base", "sft", "grpo", "r1_zero", "rs_sft", "student_distill", "student_zero", "student_grpo")
 
 
 @dataclass
@@ -53,9 +68,9 @@ class SpeedrunConfig:
     qk_nope_head_dim: int = 8
     batch_size: int = 8
     seq_len: int = 128
-    pretrain_steps: int = 2000
+    pretrain_steps: int = 3000       # 2,000 sat at the edge of the digit lookup's emergence (docs/training.md)
     pretrain_lr: float = 3e-3
-    student_pretrain_steps: int = 1500
+    student_pretrain_steps: int = 3000  # in the second lane, beside the teacher's pretraining: free on 2+ cores
     sft_steps: int = 200             # cold start: a short SFT that teaches the format
     grpo_steps: int = 60
     prompts_per_step: int = 8
@@ -66,13 +81,14 @@ class SpeedrunConfig:
     rs_samples: int = 4              # ... this many times each
     rs_sft_steps: int = 60
     rs_sft_lr: float = 1e-4
-    distill_problems: int = 400      # the teacher's traces for the student
+    distill_problems: int = 2000     # training problems the teacher solves (rs_samples times each) for the student
     distill_steps: int = 300
     eval_n: int = 500                # distinct held-out problems per evaluation
     eval_samples: int = 2            # pass@1 is their mean at temperature 0.6 (R1's), maj@k their vote
     save_every: int = 250
     seed: int = 0
     progress: bool = True
+    parallel: bool = True            # on a CPU with 2+ cores, the student's chain and R1-Zero run in a second process
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SpeedrunConfig:
@@ -181,6 +197,11 @@ class Recipe:
                                           template=template),
                        train=self.train(base.train, out, c.grpo_steps, c.grpo_lr, batch=False))
 
+    def student_zero(self) -> GRPOStageConfig:
+        """R1 §4.1's RL-only student (their DeepSeek-R1-Zero-Qwen-32B): GRPO straight from the student's base on
+        R1-Zero's template, with the teacher's RL budget; what distillation is measured against."""
+        return self.grpo("student_base", "student_zero", template="r1-zero")
+
     def r1_zero(self) -> GRPOStageConfig:
         """R1 §2.2: GRPO straight from the pretrained base, no cold start, on R1-Zero's plain-text template
         (which asks for the <think>/<answer> format in words); the cold-start run's budget."""
@@ -218,23 +239,43 @@ class Speedrun:
         self.cfg, self.recipe = cfg, Recipe(cfg)
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / STATE
-        self.state: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+        self.state: dict[str, Any] = self._read()
         self.state["config"] = asdict(cfg)
 
-    # -- bookkeeping ----------------------------------------------------------------------------------
+    # -- bookkeeping (two lanes share one state file: every write is a locked read-modify-write) ------------
+    def _read(self) -> dict[str, Any]:
+        path = self.out / STATE
+        return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        """The state as on disk, to change and write back while holding the run's lock."""
+        with open(self.out / (STATE + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self._read()
+            state["config"] = self.state["config"]
+            yield state
+            tmp = self.out / f"{STATE}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(state, indent=2) + "\n")
+            tmp.replace(self.out / STATE)
+            self.state = state
+
     def _save(self) -> None:
-        tmp = self.out / (STATE + ".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
-        tmp.replace(self.out / STATE)
+        with self._locked() as state:
+            state.update({k: v for k, v in self.state.items() if k != "stages"})
+
+    def done(self, name: str) -> bool:
+        self.state["stages"] = self._read().get("stages", {})
+        return bool(self.state["stages"].get(name, {}).get("done"))
 
     def stage(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> None:
         """Run a stage unless a previous run finished it; record its time and results."""
-        done = self.state["stages"].get(name)
-        if done and done.get("done"):
-            print(f"[speedrun] {name}: done in an earlier run ({done['seconds']:.0f} s), skipped", flush=True)
+        if self.done(name):
+            print(f"[speedrun] {name}: done in an earlier run ({self.state['stages'][name]['seconds']:.0f} s), "
+                  "skipped", flush=True)
             return
         print(f"[speedrun] {name} ...", flush=True)
+        apply_thread_budget()
         t = time.perf_counter()
         try:
             extra = fn() or {}
@@ -242,13 +283,46 @@ class Speedrun:
             raise TrainingError(f"stage {name}: {e} (start the speedrun again to continue from the last finished "
                                 "stage)") from e
         record = {"done": True, "seconds": time.perf_counter() - t, **extra}
-        self.state["stages"][name] = record
-        self._save()
+        with self._locked() as state:
+            state["stages"][name] = record
         summary = ""
         if "eval" in record:
             e = record["eval"]
             summary = f": pass@1 {e['pass@1']:.3f}, format {e['format_rate']:.2f}"
         print(f"[speedrun] {name} finished in {record['seconds']:.0f} s{summary}", flush=True)
+
+    def wait_for(self, name: str, lane: multiprocessing.process.BaseProcess | None) -> None:
+        """Block until the other lane has finished stage `name`; fail if that lane stopped without it."""
+        if self.done(name):
+            return
+        self.lane_status("teacher", "waiting")  # the other lane may take every core meanwhile
+        while not self.done(name):
+            if lane is not None and not lane.is_alive() and not self.done(name):
+                raise TrainingError(f"stage {name}: the second lane stopped (exit code {lane.exitcode}) before "
+                                    f"finishing it; its output is in {self.out / SIDE_LOG}. Start the speedrun "
+                                    "again to continue from the last finished stage")
+            time.sleep(0.5)
+        self.lane_status("teacher", "running")
+
+    def lane_status(self, lane: str, status: str) -> None:
+        """running | waiting | done, in the state file: a lane that is not running leaves its cores to the other."""
+        with self._locked() as state:
+            state.setdefault("lanes", {})[lane] = status
+
+    def share_cores(self, me: str, other: str, other_alive: Callable[[], bool]) -> None:
+        """This process's thread budget while the lanes run: half the cores, or all of them while the other
+        lane waits or is done (read from the state file at most every second)."""
+        total = max(2, os.cpu_count() or 2)
+        half = total // 2 if me == "teacher" else total - total // 2
+        seen = {"at": 0.0, "free": False}
+
+        def budget() -> int:
+            now = time.monotonic()
+            if now - seen["at"] > 1.0:
+                status = self._read().get("lanes", {}).get(other)
+                seen.update(at=now, free=status in ("waiting", "done") or not other_alive())
+            return total if seen["free"] else half
+        set_thread_budget(budget)
 
     # -- pieces -------------------------------------------------------------------------------------------
     def evaluate(self, ckpt: str, template: str = "chat") -> dict[str, Any]:
@@ -257,9 +331,10 @@ class Speedrun:
         heldout = "".join(json.dumps({"question": x["question"], "answer": x["answer"]}, ensure_ascii=False) + "\n"
                           for x in res["per_problem"])
         path = self.out / HELDOUT
-        if path.is_file() and path.read_text() != heldout:
-            raise TrainingError(f"{path}: stage {ckpt} was evaluated on other problems than the earlier stages")
-        path.write_text(heldout)
+        with self._locked():  # both lanes evaluate; the file is written whole, under the lock
+            if path.is_file() and path.read_text() != heldout:
+                raise TrainingError(f"{path}: stage {ckpt} was evaluated on other problems than the earlier stages")
+            path.write_text(heldout)
         return {k: v for k, v in res.items() if k != "examples"} | {"example": res["examples"][0]}
 
     def trained(self, fn: Callable[[Any], Any], cfg: Any, evaluate: bool = True) -> dict[str, Any]:
@@ -310,32 +385,115 @@ class Speedrun:
         return speculative_speed(model, tokenizer, prompts, self.cfg.max_new_tokens)
 
     # -- the recipe ---------------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def teacher_lane(self, side: Callable[[], None] | None,
+                     lane: multiprocessing.process.BaseProcess | None) -> None:
+        """base -> sft -> grpo -> rejection sampling -> rs_sft (final) -> distillation into the student. `side`:
+        the other lane, run in here before the student needs its base (when the lanes are not parallel)."""
         r = self.recipe
-        t0 = time.perf_counter()
-        self.stage("tokenizer", self.tokenizer)
         self.stage("base", lambda: self.trained(pretrain, r.pretrain("base")))
         self.stage("sft", lambda: self.trained(sft, r.cold_start("base", "sft")))
         self.stage("grpo", lambda: self.trained(grpo, r.grpo("sft", "grpo")))
-        if self.cfg.r1_zero:
-            self.stage("r1_zero", lambda: self.trained(grpo, r.r1_zero()))
         self.stage("rejection_sampling", lambda: self.sampled(r.rejection_sampling()))
         self.stage("rs_sft", lambda: self.sft_on_samples(r.rs_sft()))
         self.stage("final", self.final)
-        # Distillation's two halves are two resumable stages, with the student's pretraining between them.
+        # Distillation's two halves are two resumable stages, with the student's pretraining (the other lane's)
+        # between them.
         self.stage("distill_data", lambda: self.sampled(r.distill().sample_config()))
-        self.stage("student_base", lambda: self.trained(pretrain, r.pretrain("student_base", student=True), False))
+        if side is not None:
+            side()
+        self.wait_for("student_base", lane)
         self.stage("student_distill", lambda: self.sft_on_samples(r.distill().sft_config()))
+
+    def side_lane(self, parent: int | None = None) -> None:
+        """The student's own chain: its base, GRPO from it alone (student_zero, R1 §4.1's RL-only student) and the
+        stronger baseline of the teacher's cold start + GRPO (student_sft -> student_grpo); then R1-Zero from the
+        teacher's base once it exists (R1 §2.2). `parent`: the teacher lane's process id, when
+        this runs beside it (if that process dies, this one stops instead of waiting for its base forever)."""
+        r = self.recipe
+        self.stage("student_base", lambda: self.trained(pretrain, r.pretrain("student_base", student=True), False))
+        self.stage("student_zero", lambda: self.trained(grpo, r.student_zero()))
         self.stage("student_sft", lambda: self.trained(sft, r.cold_start("student_base", "student_sft"), False))
         self.stage("student_grpo", lambda: self.trained(grpo, r.grpo("student_sft", "student_grpo")))
+        if self.cfg.r1_zero:
+            if not self.done("base"):
+                self.lane_status("side", "waiting")
+            while not self.done("base"):
+                if parent is not None and os.getppid() != parent:
+                    raise TrainingError("the teacher's lane stopped before its base model was trained")
+                time.sleep(0.5)
+            self.lane_status("side", "running")
+            self.stage("r1_zero", lambda: self.trained(grpo, r.r1_zero()))
+        self.lane_status("side", "done")
+
+    def parallel(self) -> bool:
+        side = ["student_base", "student_zero", "student_sft", "student_grpo"] + ["r1_zero"] * self.cfg.r1_zero
+        return (self.cfg.parallel and not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2
+                and not all(self.done(name) for name in side))
+
+    def run(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.stage("tokenizer", self.tokenizer)
+        if self.parallel():
+            threads = torch.get_num_threads()
+            ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP or autograd state
+            lane = ctx.Process(target=_side_lane_main, args=(asdict(self.cfg), os.getpid()),
+                               name="minir1-speedrun-side-lane")
+            print(f"[speedrun] the student's chain and R1-Zero run beside this one, in a second process (each "
+                  f"lane with half the cores, all of them while the other waits; the second lane's output: "
+                  f"{self.out / SIDE_LOG})", flush=True)
+            for name in ("teacher", "side"):
+                self.lane_status(name, "running")
+            lane.start()
+            try:
+                self.share_cores("teacher", "side", lane.is_alive)
+                self.teacher_lane(None, lane)
+                self.lane_status("teacher", "done")
+                lane.join()
+            finally:
+                if lane.is_alive():
+                    lane.terminate()
+                    lane.join()
+                set_thread_budget(None)
+                torch.set_num_threads(threads)
+                log = self.out / SIDE_LOG
+                if log.is_file():
+                    print("".join(f"[side lane] {line}" for line in log.read_text().splitlines(keepends=True)),
+                          end="", flush=True)
+            if lane.exitcode != 0:
+                raise TrainingError(f"the second lane failed (exit code {lane.exitcode}); its output is above and "
+                                    f"in {self.out / SIDE_LOG}. Start the speedrun again to continue from the last "
+                                    "finished stage")
+        else:
+            self.teacher_lane(self.side_lane, None)
         self.stage("speculative", lambda: self.speculative("final"))
         self.state["wall_seconds_this_run"] = time.perf_counter() - t0
+        self.state["wall_seconds"] = self.state.get("wall_seconds", 0.0) + self.state["wall_seconds_this_run"]
         self._save()
         from minir1.report import write_report
         report = write_report(self.out, self.state)
         print(f"[speedrun] done: {self.out / 'report.md'}; chat with the result: "
               f"minir1 chat --ckpt {self.out / 'final'}")
         return report
+
+
+def _side_lane_main(cfg: dict[str, Any], parent: int) -> None:
+    """The second lane's process: its output goes to <out>/side_lane.log (the teacher's lane prints it when
+    both are done), and any failure to that log and the exit code."""
+    out = Path(cfg["out"])
+    with open(out / SIDE_LOG, "w", buffering=1) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+        try:
+            torch.manual_seed(cfg["seed"])
+            run = Speedrun(SpeedrunConfig(**{**cfg, "progress": False}))  # one progress bar: the teacher's
+            run.state["config"] = cfg
+            run.share_cores("side", "teacher", lambda: os.getppid() == parent)
+            run.side_lane(parent)
+        except BaseException:
+            traceback.print_exc()
+            log.flush()
+            os._exit(1)
 
 
 def speculative_speed(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> dict[str, Any]:

@@ -31,7 +31,9 @@ def test_every_stage_and_artefact(run_dir):
         assert 0 <= lo <= row["pass@1"] <= hi <= 1 and hi > lo
         assert row["problems_distinct"] == row["problems"] == len(heldout)
     assert len({h["question"] for h in heldout}) == len(heldout) and all(h["answer"] for h in heldout)
-    assert set(report["findings"]) == {"grpo_minus_sft", "distilled_minus_rl_student", "cold_start_minus_r1_zero"}
+    assert set(report["findings"]) == {"grpo_minus_sft", "distilled_minus_rl_student", "cold_start_minus_r1_zero",
+                                       "distilled_minus_cold_start_student"}
+    assert report["findings"]["distilled_minus_rl_student"]["stages"] == ["student_distill", "student_zero"]
     zero = [json.loads(x) for x in (run_dir / "r1_zero" / "metrics.jsonl").read_text().splitlines()]
     assert len(zero) == SpeedrunConfig.preset("minimal").grpo_steps and "eval_pass@1" in zero[0]
     assert json.loads((run_dir / "r1_zero" / "train_config.json").read_text())["grpo"]["template"] == "r1-zero"
@@ -41,7 +43,7 @@ def test_every_stage_and_artefact(run_dir):
     assert set(report["parameters"]) == {"teacher", "student"}
     teacher, student = report["parameters"]["teacher"], report["parameters"]["student"]
     assert 3 <= teacher["total"] / student["total"] <= 7, "the student is about 5x smaller"
-    for d in ("student_base", "student_distill", "student_grpo"):  # a dense student, as R1's (§2.4)
+    for d in ("student_base", "student_distill", "student_zero", "student_grpo"):  # a dense student, as R1's (§2.4)
         assert json.loads((run_dir / d / "config.json").read_text())["model_type"] == "qwen2", d
     assert teacher["activated"] < teacher["total"]
     for key in ("cpu", "threads", "torch", "git_commit"):
@@ -136,3 +138,49 @@ def test_chat_works_on_the_final_checkpoint(run_dir):
     assert run_chat(Engine(model, tok), SamplingParams(max_new_tokens=8, temperature=0), read=lambda _: next(lines),
                     out=out) == 0
     assert out.getvalue().count("\n") >= 2  # the help line, then the streamed reply
+
+
+def test_the_lanes_run_one_after_another_with_no_parallel(tmp_path, capsys):
+    """`--no-parallel` (and any machine without a second core) runs the second lane's stages in this process,
+    before the student's distillation needs its base, and writes no side-lane log."""
+    from minir1.cli import main
+    assert main(["speedrun", "--preset", "minimal", "--no-parallel", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    order = [line.split()[1] for line in out.splitlines() if line.startswith("[speedrun] ") and line.endswith(" ...")]
+    assert order.index("base") < order.index("r1_zero") < order.index("student_distill")
+    assert order.index("student_base") < order.index("student_distill") and "second process" not in out
+    assert not (tmp_path / "side_lane.log").exists()
+    state = json.loads((tmp_path / "speedrun_state.json").read_text())
+    assert all(s["done"] for s in state["stages"].values()) and len(state["stages"]) == 15
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert 0 < report["wall_seconds"] and report["total_seconds"] > 0
+
+
+def test_the_teacher_lane_fails_clearly_when_the_second_lane_died(tmp_path):
+    """Waiting for a stage of a lane whose process has exited without finishing it raises, naming the stage and
+    the lane's log, instead of waiting forever."""
+    import multiprocessing
+
+    from minir1.errors import TrainingError
+    from minir1.speedrun import Speedrun
+    run = Speedrun(SpeedrunConfig.preset("minimal", out=str(tmp_path)))
+    lane = multiprocessing.get_context("spawn").Process(target=int)  # exits at once, having done nothing
+    lane.start()
+    lane.join()
+    with pytest.raises(TrainingError, match=r"stage student_base: the second lane stopped .*side_lane\.log"):
+        run.wait_for("student_base", lane)
+    with run._locked() as state:  # once the stage is recorded, waiting returns
+        state["stages"]["student_base"] = {"done": True, "seconds": 1.0}
+    run.wait_for("student_base", lane)
+
+
+def test_the_parallel_run_recorded_every_stage_of_both_lanes(run_dir):
+    """The module's run had two lanes (a second process on this 2+-core CPU): the second lane's stages are in the
+    one state file, and its output in side_lane.log (and in the run's own output, printed when both were done)."""
+    import os
+    if (os.cpu_count() or 1) < 2 or torch.cuda.is_available():
+        pytest.skip("one lane on this machine")
+    state = json.loads((run_dir / "speedrun_state.json").read_text())
+    log = (run_dir / "side_lane.log").read_text()
+    for name in ("student_base", "student_zero", "student_sft", "student_grpo", "r1_zero"):
+        assert state["stages"][name]["done"] and f"[speedrun] {name} finished" in log

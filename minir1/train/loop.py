@@ -30,7 +30,7 @@ from torch import Tensor
 
 from minir1 import checkpoint, files
 from minir1.checkpoint import CHECKPOINTS, checkpoints, latest_checkpoint
-from minir1.devices import resolve_device
+from minir1.devices import apply_thread_budget, resolve_device
 from minir1.errors import TrainingError
 from minir1.models.base import CausalLM
 from minir1.tokenizer import Tokenizer
@@ -433,6 +433,7 @@ def _steps(model: CausalLM, wrapped: torch.nn.Module, tokenizer: Tokenizer, stag
     metrics_file = open(live, "a") if d.is_main else None
     try:
         for step in range(start, cfg.steps):
+            apply_thread_budget()  # a shared CPU (the speedrun's lanes): take the cores that are free now
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
