@@ -2,7 +2,7 @@
 
     tokenizer -> pretrain (MLA + MoE + MTP) -> cold-start SFT (R1 §2.3.1) -> GRPO (§2.2, §2.3.2)
       -> rejection sampling + SFT on the verified samples (§2.3.3) -> final
-    student (a dense Qwen2 model, about 5x smaller): pretrain -> SFT on the teacher's verified traces
+    student (a dense Qwen2 model, about 7x smaller): pretrain -> SFT on the teacher's verified traces
                                          (distillation, §2.4: R1's students are dense Qwen2/Llama models)
                    against the same student's GRPO from its base with the teacher's RL budget (RL alone:
                    §4.1's comparison), and its cold-start SFT + GRPO (a stronger baseline, reported too)
@@ -12,11 +12,12 @@ each stage is evaluated on held-out problems as soon as it finishes. `<out>/spee
 stages, so a run that is interrupted and started again continues from the last finished stage (and a
 training stage from its last checkpoint). The report (`report.md`, `report.json`, plots) is written last.
 
-On a CPU the stages run in two lanes at once, one process each with half the cores: the teacher's chain
-(base -> sft -> grpo -> rs_sft -> distillation), and beside it the student's own chain (student_base ->
-student_zero, student_sft -> student_grpo) and R1-Zero (which needs only the base). These models are small enough that a
-training step barely uses a second core (2,000 pretraining steps of the teacher took 0.13 s each on 2
-threads and 0.14 s on 1), so the second lane comes almost free. `--no-parallel` runs them one after another.
+On a CPU the stages run in two lanes at once, one process each: the teacher's chain (base -> sft -> grpo ->
+rs_sft -> distillation), and beside it the student's own chain (student_base -> student_zero, student_sft ->
+student_grpo) and R1-Zero (which needs only the base). These models are small enough that a training step
+barely uses a second core (a teacher pretraining step took 0.13 s on 2 threads, 0.16 s on 1), so each lane
+gets half the cores, and all of them while the other waits or is done. `--no-parallel` runs them one after
+the other.
 """
 
 from __future__ import annotations
