@@ -60,7 +60,7 @@ class SpeedrunConfig:
     out: str = "runs/speedrun"
     task: str = "arithmetic:digits=4,min_digits=2,mul_digits=1"  # 2-4 digit + and −, × by one digit: 150M problems
     vocab_size: int = 384
-    model_preset: str = "tiny"       # the teacher; the student halves every width (about 5x fewer parameters)
+    model_preset: str = "tiny"       # the teacher; the student halves every width (about 7x fewer parameters)
     student_family: str = "qwen2"    # dense, as R1's distilled students; or deepseek_v3, or llama / qwen3
     r1_zero: bool = True             # also run R1-Zero: GRPO from the base model, no cold start (R1 §2.2)
     hidden_size: int = 128
