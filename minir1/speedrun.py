@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from minir1 import files
 from minir1.devices import apply_thread_budget, set_thread_budget
 from minir1.errors import TrainingError
 from minir1.evaluate import EvalConfig, EvaluateConfig, evaluate_checkpoint
@@ -256,9 +257,7 @@ class Speedrun:
             state = self._read()
             state["config"] = self.state["config"]
             yield state
-            tmp = self.out / f"{STATE}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(state, indent=2) + "\n")
-            tmp.replace(self.out / STATE)
+            files.write_json(self.out / STATE, state)
             self.state = state
 
     def _save(self) -> None:
@@ -335,7 +334,7 @@ class Speedrun:
         with self._locked():  # both lanes evaluate; the file is written whole, under the lock
             if path.is_file() and path.read_text() != heldout:
                 raise TrainingError(f"{path}: stage {ckpt} was evaluated on other problems than the earlier stages")
-            path.write_text(heldout)
+            files.write_text(path, heldout)
         return {k: v for k, v in res.items() if k != "examples"} | {"example": res["examples"][0]}
 
     def trained(self, fn: Callable[[Any], Any], cfg: Any, evaluate: bool = True) -> dict[str, Any]:
