@@ -291,18 +291,29 @@ class Speedrun:
             summary = f": pass@1 {e['pass@1']:.3f}, format {e['format_rate']:.2f}"
         print(f"[speedrun] {name} finished in {record['seconds']:.0f} s{summary}", flush=True)
 
-    def wait_for(self, name: str, lane: multiprocessing.process.BaseProcess | None) -> None:
-        """Block until the other lane has finished stage `name`; fail if that lane stopped without it."""
+    def wait_for(self, name: str, me: str, other_stopped: Callable[[], str | None]) -> None:
+        """Block until the other lane has finished stage `name`, marking lane `me` as waiting meanwhile (so the
+        other may take every core); `other_stopped()` says why the other lane can no longer finish it (None
+        while it can), and then this raises instead of waiting forever."""
         if self.done(name):
             return
-        self.lane_status("teacher", "waiting")  # the other lane may take every core meanwhile
+        self.lane_status(me, "waiting")
         while not self.done(name):
-            if lane is not None and not lane.is_alive() and not self.done(name):
-                raise TrainingError(f"stage {name}: the second lane stopped (exit code {lane.exitcode}) before "
-                                    f"finishing it; its output is in {self.out / SIDE_LOG}. Start the speedrun "
-                                    "again to continue from the last finished stage")
+            why = other_stopped()
+            if why is not None and not self.done(name):
+                raise TrainingError(f"stage {name}: {why}. Start the speedrun again to continue from the last "
+                                    "finished stage")
             time.sleep(0.5)
-        self.lane_status("teacher", "running")
+        self.lane_status(me, "running")
+
+    def side_lane_stopped(self, lane: multiprocessing.process.BaseProcess | None) -> Callable[[], str | None]:
+        """For the teacher's wait_for: why the second lane's process can no longer finish a stage, or None."""
+        def why() -> str | None:
+            if lane is None or lane.is_alive():
+                return None
+            return (f"the second lane stopped (exit code {lane.exitcode}) before finishing it; its output is in "
+                    f"{self.out / SIDE_LOG}")
+        return why
 
     def lane_status(self, lane: str, status: str) -> None:
         """running | waiting | done, in the state file: a lane that is not running leaves its cores to the other."""
@@ -401,7 +412,7 @@ class Speedrun:
         self.stage("distill_data", lambda: self.sampled(r.distill().sample_config()))
         if side is not None:
             side()
-        self.wait_for("student_base", lane)
+        self.wait_for("student_base", "teacher", self.side_lane_stopped(lane))
         self.stage("student_distill", lambda: self.sft_on_samples(r.distill().sft_config()))
 
     def side_lane(self, parent: int | None = None) -> None:
@@ -415,13 +426,8 @@ class Speedrun:
         self.stage("student_sft", lambda: self.trained(sft, r.cold_start("student_base", "student_sft"), False))
         self.stage("student_grpo", lambda: self.trained(grpo, r.grpo("student_sft", "student_grpo")))
         if self.cfg.r1_zero:
-            if not self.done("base"):
-                self.lane_status("side", "waiting")
-            while not self.done("base"):
-                if parent is not None and os.getppid() != parent:
-                    raise TrainingError("the teacher's lane stopped before its base model was trained")
-                time.sleep(0.5)
-            self.lane_status("side", "running")
+            self.wait_for("base", "side", lambda: None if parent is None or os.getppid() == parent else
+                          "the teacher's lane stopped before its base model was trained")
             self.stage("r1_zero", lambda: self.trained(grpo, r.r1_zero()))
         self.lane_status("side", "done")
 

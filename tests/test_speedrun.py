@@ -168,10 +168,10 @@ def test_the_teacher_lane_fails_clearly_when_the_second_lane_died(tmp_path):
     lane.start()
     lane.join()
     with pytest.raises(TrainingError, match=r"stage student_base: the second lane stopped .*side_lane\.log"):
-        run.wait_for("student_base", lane)
+        run.wait_for("student_base", "teacher", run.side_lane_stopped(lane))
     with run._locked() as state:  # once the stage is recorded, waiting returns
         state["stages"]["student_base"] = {"done": True, "seconds": 1.0}
-    run.wait_for("student_base", lane)
+    run.wait_for("student_base", "teacher", run.side_lane_stopped(lane))
 
 
 def test_the_parallel_run_recorded_every_stage_of_both_lanes(run_dir):
