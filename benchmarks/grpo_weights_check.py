@@ -63,8 +63,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         old = d / "baseline"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.baseline], check=True,
-                       capture_output=True)
+        made = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.baseline],
+                              capture_output=True, text=True)
+        if made.returncode:
+            sys.exit(f"--baseline {args.baseline}: git could not check it out: {made.stderr.strip()}")
         try:
             ckpt, questions = d / "ckpt", d / "qa.jsonl"
             make_checkpoint(ckpt)

@@ -205,13 +205,14 @@ def write_report(out: Path, state: dict[str, Any]) -> dict[str, Any]:
         f = finding(stages, a, b, claim)
         if f is not None:
             findings[key] = f
+    stage_seconds = sum(s["seconds"] for s in stages.values())
     report = {
         "environment": environment(),
         "config": cfg,
         "seconds": {name: s["seconds"] for name, s in stages.items()},
-        "total_seconds": sum(s["seconds"] for s in stages.values()),  # the stages' own times, added up
+        "total_seconds": stage_seconds,  # the stages' own times, added up
         # from start to report, over every start of the run (the two lanes overlap, so this is less)
-        "wall_seconds": state.get("wall_seconds", sum(s["seconds"] for s in stages.values())),
+        "wall_seconds": state.get("wall_seconds", stage_seconds),
         "parameters": params,
         "scale": training_scale(out, cfg),
         "stages": rows,
