@@ -308,7 +308,7 @@ def evaluate_cmd(cfg: Any) -> int:
     lo, hi = res["pass@1_ci95"]
     print(f"{res['task']}: {res['problems_distinct']} distinct held-out problems x {k} sample(s): pass@1 "
           f"{res['pass@1']:.3f} (95% CI {lo:.3f}-{hi:.3f})  {at_k}format {res['format_rate']:.3f}  "
-          f"mean length {res['mean_completion_tokens']:.1f} tokens")
+          f"thinking {res['thinking_rate']:.3f}  mean length {res['mean_completion_tokens']:.1f} tokens")
     if cfg.save:
         print(f"written to {cfg.out_path()}")
     return 0
@@ -331,7 +331,9 @@ def speedrun(args: argparse.Namespace) -> int:
     overrides = dataclass_overrides(args, SpeedrunConfig)
     report = run_speedrun(SpeedrunConfig.preset(preset, **overrides))
     for name, row in report["stages"].items():
-        print(f"  {name:16s} pass@1 {row['pass@1']:.3f}  format {row['format_rate']:.2f}")
+        thinking = row.get("thinking_rate")  # absent from an evaluation made before it was measured
+        print(f"  {name:16s} pass@1 {row['pass@1']:.3f}  format {row['format_rate']:.2f}"
+              + (f"  thinking {thinking:.2f}" if thinking is not None else ""))
     print(f"total {report['wall_seconds'] / 60:.1f} min (wall time; the stages' own times add up to "
           f"{report['total_seconds'] / 60:.1f} min)")
     return 0

@@ -55,6 +55,7 @@ def evaluate(model: CausalLM, tokenizer: Tokenizer, task: Task, cfg: EvalConfig 
             "answer": extract_answer(response),
             "length": len(c.token_ids),
             "thinking_tokens": len(tokenizer.encode(parsed[0])) if parsed else None,
+            "thinks": bool(parsed[0].strip()) if parsed else None,
         })
     k = cfg.samples
     per_problem_pass1 = [sum(s["correct"] for s in ss) / k for ss in per_problem]
@@ -64,6 +65,10 @@ def evaluate(model: CausalLM, tokenizer: Tokenizer, task: Task, cfg: EvalConfig 
               for ss in per_problem)
     samples = [s for ss in per_problem for s in ss]
     thinking = [s["thinking_tokens"] for s in samples if s["thinking_tokens"] is not None]
+    # Answers with working and without it (an empty <think></think>), apart: what a mixed cold start's
+    # policy chooses between, and how often each is right.
+    worked = [s for s in samples if s["thinks"]]
+    unworked = [s for s in samples if s["thinks"] is False]
     n = len(problems)
     return {
         "task": getattr(task, "spec", task.name), "problems": n,
@@ -73,6 +78,9 @@ def evaluate(model: CausalLM, tokenizer: Tokenizer, task: Task, cfg: EvalConfig 
         "format_rate": sum(s["format"] for s in samples) / len(samples),
         "mean_completion_tokens": sum(s["length"] for s in samples) / len(samples),
         "mean_thinking_tokens": sum(thinking) / len(thinking) if thinking else 0.0,
+        "thinking_rate": len(worked) / len(samples),
+        "accuracy_thinking": sum(s["correct"] for s in worked) / len(worked) if worked else None,
+        "accuracy_no_thinking": sum(s["correct"] for s in unworked) / len(unworked) if unworked else None,
         "per_problem": [{"question": p.question, "answer": p.answer, "pass@1": r}
                         for p, r in zip(problems, per_problem_pass1)],
         "examples": [{"question": p.question, "answer": p.answer, "response": opened[i] + completions[i * k].text}

@@ -14,15 +14,18 @@ import torch
 
 from minir1.stats import excludes_zero, paired_bootstrap, wilson
 
-STAGE_ROWS = ("base", "sft", "grpo", "r1_zero", "rs_sft", "student_distill", "student_zero", "student_grpo")
+STAGE_ROWS = ("base", "sft", "sft_worked", "grpo", "r1_zero", "rs_sft", "student_distill", "student_zero",
+              "student_grpo")
 DESCRIPTIONS = {
     "base": "pretrained teacher, no fine-tuning",
-    "sft": "cold-start SFT on <think> traces",
+    "sft": "cold-start SFT on <think> traces (a fraction answered without working)",
+    "sft_worked": "reference: the same cold start on worked solutions only (no GRPO follows it)",
     "grpo": "GRPO from the SFT model",
     "rs_sft": "SFT on verified samples of the GRPO model (final)",
     "student_distill": "student: SFT on the teacher's verified traces",
     "student_zero": "student: GRPO from its base model, no SFT (RL alone, R1 §4.1)",
-    "student_grpo": "student: the teacher's cold start (SFT on the task's worked solutions) + GRPO, no teacher",
+    "student_grpo": "student: the teacher's cold start (the task's worked solutions, a fraction without working) + "
+                    "GRPO, no teacher",
     "r1_zero": "R1-Zero: GRPO from the base model, no cold start (R1 §2.2)",
 }
 
@@ -137,12 +140,23 @@ FINDINGS = {
                                                                               "student given the teacher's cold "
                                                                               "start before its RL (not R1's claim: "
                                                                               "a stronger baseline)"),
+    # Not R1's claim either: RL from the mixed cold start against imitating the task's worked solutions for as
+    # many steps. How much of the lift imitation alone would have given, reported either way.
+    "grpo_minus_worked_sft": ("grpo", "sft_worked", "RL from the mixed cold start beats the same cold start on "
+                                                    "worked solutions only, with no RL (not R1's claim: RL against "
+                                                    "imitating the task's algorithm)"),
 }
 
 
-def finding(stages: dict[str, Any], a: str, b: str, claim: str) -> dict[str, Any] | None:
+# A finding whose claim is a size: reproduced only when the difference reaches it (besides its interval
+# excluding zero).
+MIN_POINTS = {"grpo_minus_sft": 10.0}
+
+
+def finding(stages: dict[str, Any], a: str, b: str, claim: str, min_points: float = 0.0) -> dict[str, Any] | None:
     """pass@1 of stage `a` minus stage `b`, in points, with a paired bootstrap 95% interval over the held-out
-    problems both were evaluated on (the same problems, in the same order)."""
+    problems both were evaluated on (the same problems, in the same order); reproduced when the interval
+    excludes zero and the difference is positive and at least `min_points`."""
     ea, eb = stages.get(a, {}).get("eval"), stages.get(b, {}).get("eval")
     if not ea or not eb:
         return None
@@ -153,7 +167,9 @@ def finding(stages: dict[str, Any], a: str, b: str, claim: str) -> dict[str, Any
     diff, (lo, hi) = paired_bootstrap([x["pass@1"] for x in pa], [x["pass@1"] for x in pb])
     return {"claim": claim, "stages": [a, b], "problems_distinct": ea.get("problems_distinct", len(pa)),
             "difference_points": 100 * diff, "ci95": [100 * lo, 100 * hi], "reproduced": excludes_zero((lo, hi))
-            and diff > 0, "format_rate": [ea["format_rate"], eb["format_rate"]],
+            and diff > 0 and 100 * diff >= min_points, "min_points": min_points,
+            "format_rate": [ea["format_rate"], eb["format_rate"]],
+            "thinking_rate": [ea.get("thinking_rate"), eb.get("thinking_rate")],
             "mean_completion_tokens": [ea["mean_completion_tokens"], eb["mean_completion_tokens"]]}
 
 
@@ -164,7 +180,7 @@ def training_scale(out: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     fixed number per step."""
     from minir1.tasks import get_task
     per_stage: dict[str, int] = {}
-    for name in ("base", "sft", "student_base", "student_sft"):
+    for name in ("base", "sft", "sft_worked", "student_base", "student_sft"):
         docs = [m.get("documents") for m in read_metrics(out / name / "metrics.jsonl")]
         if docs and None not in docs:
             per_stage[name] = int(sum(docs))
@@ -195,6 +211,8 @@ def write_report(out: Path, state: dict[str, Any]) -> dict[str, Any]:
             rows[name] = {"pass@1": e["pass@1"], "pass@1_ci95": ci,
                           f"maj@{k}": e.get(f"maj@{k}"), f"pass@{k}": e.get(f"pass@{k}"),
                           "format_rate": e["format_rate"], "mean_thinking_tokens": e["mean_thinking_tokens"],
+                          "thinking_rate": e.get("thinking_rate"), "accuracy_thinking": e.get("accuracy_thinking"),
+                          "accuracy_no_thinking": e.get("accuracy_no_thinking"),
                           "mean_completion_tokens": e["mean_completion_tokens"], "problems": n,
                           "problems_distinct": e.get("problems_distinct", n), "samples": e["samples"],
                           "temperature": e["temperature"]}
@@ -202,7 +220,7 @@ def write_report(out: Path, state: dict[str, Any]) -> dict[str, Any]:
               if (out / d / "config.json").is_file()}
     findings = {}
     for key, (a, b, claim) in FINDINGS.items():
-        f = finding(stages, a, b, claim)
+        f = finding(stages, a, b, claim, MIN_POINTS.get(key, 0.0))
         if f is not None:
             findings[key] = f
     stage_seconds = sum(s["seconds"] for s in stages.values())
@@ -237,6 +255,10 @@ def scale_lines(sc: dict[str, Any]) -> list[str]:
                                   "problem is almost never a near-copy of a trained one." if space else "."), ""]
 
 
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     env, cfg = r["environment"], r["config"]
     k = cfg.get("eval_samples", 1)
@@ -256,28 +278,33 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines.append(f"- {name}: {p['total'] / 1e6:.2f}M parameters, {p['activated'] / 1e6:.2f}M activated per "
                      f"token, + {p['mtp'] / 1e6:.2f}M in the MTP module")
     lines += ["", "## Held-out results by stage", "",
-              f"| stage | what | pass@1 | 95% CI | maj@{k} | format rate | mean thinking tokens |",
-              "|---|---|---|---|---|---|---|"]
+              f"| stage | what | pass@1 | 95% CI | maj@{k} | format rate | thinking rate | pass@1 thinking / "
+              "not | mean thinking tokens |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, row in r["stages"].items():
         maj = row.get(f"maj@{k}")
         lo, hi = row["pass@1_ci95"]
         lines.append(f"| `{name}` | {DESCRIPTIONS[name]} | {row['pass@1']:.3f} | {lo:.3f}–{hi:.3f} | "
-                     f"{'' if maj is None else f'{maj:.3f}'} | {row['format_rate']:.3f} | "
+                     f"{_num(maj)} | {row['format_rate']:.3f} | {_num(row.get('thinking_rate'))} | "
+                     f"{_num(row.get('accuracy_thinking'))} / {_num(row.get('accuracy_no_thinking'))} | "
                      f"{row['mean_thinking_tokens']:.1f} |")
     f = r["findings"]
     lines.append("")
     if f:
         lines += ["## Findings", "",
                   "Each is a difference of held-out pass@1 in points, with a 95% paired bootstrap interval over the "
-                  "same held-out problems; it counts as reproduced only when the interval excludes zero.", ""]
+                  "same held-out problems; it counts as reproduced only when the interval excludes zero (and a claim "
+                  "of a size, such as 10 points, only when the difference reaches it).", ""]
     for key, x in f.items():
         ci = x.get("ci95")
         ci_text = f"95% CI [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "no interval: " + x.get("note", "")
         verdict = "reproduced" if x["reproduced"] else "**not** reproduced"
         fmt = x.get("format_rate")
         length = x.get("mean_completion_tokens") or [0, 0]
-        fmt_text = (f" Format rate {fmt[0]:.2f} against {fmt[1]:.2f}; mean response {length[0]:.0f} against "
-                    f"{length[1]:.0f} tokens." if fmt else "")
+        thinking = x.get("thinking_rate") or [None, None]
+        fmt_text = (f" Format rate {fmt[0]:.2f} against {fmt[1]:.2f}"
+                    + (f"; thinking rate {thinking[0]:.2f} against {thinking[1]:.2f}" if None not in thinking else "")
+                    + f"; mean response {length[0]:.0f} against {length[1]:.0f} tokens." if fmt else "")
         lines.append(f"- `{key}` ({' − '.join(x.get('stages', []))}): **{x['difference_points']:+.1f} points**, "
                      f"{ci_text} — {verdict}. Claim: {x['claim']}.{fmt_text}")
     lines.append("")

@@ -73,7 +73,11 @@ class SpeedrunConfig:
     pretrain_steps: int = 3000       # 2,000 sat at the edge of the digit lookup's emergence (docs/training.md)
     pretrain_lr: float = 3e-3
     student_pretrain_steps: int = 3000  # in the second lane, beside the teacher's pretraining: free on 2+ cores
-    sft_steps: int = 200             # cold start: a short SFT that teaches the format
+    sft_steps: int = 300             # cold start: a short SFT that teaches the format
+    # ... on worked solutions mixed with answers without working (an empty <think></think>, as R1 §2.3.3's simple
+    # queries): a policy that can answer either way, for GRPO to choose by reward alone (docs/training.md)
+    cold_start_no_think: float = 0.3
+    worked_reference: bool = True    # and, as a reference, the same cold start on worked solutions only (sft_worked)
     grpo_steps: int = 60
     prompts_per_step: int = 8
     group_size: int = 8
@@ -137,6 +141,8 @@ class SpeedrunConfig:
         bad = [f"{k} ({v})" for k, v in counts.items() if v < 1]
         if bad:
             raise ValueError(f"speedrun settings must be >= 1: {', '.join(bad)}")
+        if not 0.0 <= self.cold_start_no_think <= 1.0:
+            raise ValueError(f"cold_start_no_think ({self.cold_start_no_think}) must be between 0 and 1")
 
     def student_overrides(self) -> dict[str, Any]:
         """The student's model settings: the teacher's preset at half the width."""
@@ -186,8 +192,9 @@ class Recipe:
         steps = c.student_pretrain_steps if student else c.pretrain_steps
         return replace(base, train=self.train(base.train, out, steps, c.pretrain_lr))
 
-    def cold_start(self, init: str, out: str) -> SFTConfig:
-        base = SFTConfig(init=self.path(init), task=self.cfg.task)
+    def cold_start(self, init: str, out: str, no_think: float | None = None) -> SFTConfig:
+        no_think = self.cfg.cold_start_no_think if no_think is None else no_think
+        base = SFTConfig(init=self.path(init), task=self.cfg.task, no_think_fraction=no_think)
         return replace(base, train=self.train(base.train, out, self.cfg.sft_steps))
 
     def grpo(self, init: str, out: str, template: str = "chat") -> GRPOStageConfig:
@@ -417,22 +424,32 @@ class Speedrun:
 
     def side_lane(self, parent: int | None = None) -> None:
         """The student's own chain: its base, GRPO from it alone (student_zero, R1 §4.1's RL-only student) and the
-        stronger baseline of the teacher's cold start + GRPO (student_sft -> student_grpo); then R1-Zero from the
-        teacher's base once it exists (R1 §2.2). `parent`: the teacher lane's process id, when
-        this runs beside it (if that process dies, this one stops instead of waiting for its base forever)."""
+        stronger baseline of the teacher's cold start + GRPO (student_sft -> student_grpo); then, once the teacher's
+        base exists, the worked-solutions-only cold start (sft_worked) and R1-Zero from it (R1 §2.2). `parent`: the
+        teacher lane's process id, when this runs beside it (if that process dies, this one stops instead of waiting
+        for its base forever)."""
         r = self.recipe
         self.stage("student_base", lambda: self.trained(pretrain, r.pretrain("student_base", student=True), False))
         self.stage("student_zero", lambda: self.trained(grpo, r.student_zero()))
         self.stage("student_sft", lambda: self.trained(sft, r.cold_start("student_base", "student_sft"), False))
         self.stage("student_grpo", lambda: self.trained(grpo, r.grpo("student_sft", "student_grpo")))
-        if self.cfg.r1_zero:
+        if self.cfg.r1_zero or self.worked_reference():
             self.wait_for("base", "side", lambda: None if parent is None or os.getppid() == parent else
                           "the teacher's lane stopped before its base model was trained")
+        if self.worked_reference():
+            self.stage("sft_worked", lambda: self.trained(sft, r.cold_start("base", "sft_worked", no_think=0.0)))
+        if self.cfg.r1_zero:
             self.stage("r1_zero", lambda: self.trained(grpo, r.r1_zero()))
         self.lane_status("side", "done")
 
+    def worked_reference(self) -> bool:
+        """The cold start on worked solutions only, beside the mixed one: what GRPO's lift is measured against
+        besides its own starting point (a different model only when the cold start mixes)."""
+        return self.cfg.worked_reference and self.cfg.cold_start_no_think > 0
+
     def parallel(self) -> bool:
-        side = ["student_base", "student_zero", "student_sft", "student_grpo"] + ["r1_zero"] * self.cfg.r1_zero
+        side = (["student_base", "student_zero", "student_sft", "student_grpo"] + ["r1_zero"] * self.cfg.r1_zero
+                + ["sft_worked"] * self.worked_reference())
         return (self.cfg.parallel and not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2
                 and not all(self.done(name) for name in side))
 

@@ -30,16 +30,24 @@ def test_every_stage_and_artefact(run_dir):
         lo, hi = row["pass@1_ci95"]
         assert 0 <= lo <= row["pass@1"] <= hi <= 1 and hi > lo
         assert row["problems_distinct"] == row["problems"] == len(heldout)
+        assert 0 <= row["thinking_rate"] <= row["format_rate"]
+        for key in ("accuracy_thinking", "accuracy_no_thinking"):
+            assert row[key] is None or 0 <= row[key] <= 1
     assert len({h["question"] for h in heldout}) == len(heldout) and all(h["answer"] for h in heldout)
     assert set(report["findings"]) == {"grpo_minus_sft", "distilled_minus_rl_student", "cold_start_minus_r1_zero",
-                                       "distilled_minus_cold_start_student"}
+                                       "distilled_minus_cold_start_student", "grpo_minus_worked_sft"}
+    # The cold start mixes in answers without working; its reference (sft_worked) has none.
+    cold, worked = (json.loads((run_dir / d / "train_config.json").read_text())["sft"] for d in ("sft", "sft_worked"))
+    assert cold["no_think_fraction"] == SpeedrunConfig().cold_start_no_think > 0 and "no_think_fraction" not in worked
     assert report["findings"]["distilled_minus_rl_student"]["stages"] == ["student_distill", "student_zero"]
     zero = [json.loads(x) for x in (run_dir / "r1_zero" / "metrics.jsonl").read_text().splitlines()]
     assert len(zero) == SpeedrunConfig.preset("minimal").grpo_steps and "eval_pass@1" in zero[0]
     assert json.loads((run_dir / "r1_zero" / "train_config.json").read_text())["grpo"]["template"] == "r1-zero"
     for f in report["findings"].values():
         lo, hi = f["ci95"]
-        assert lo <= f["difference_points"] <= hi and f["reproduced"] == (lo > 0)
+        assert lo <= f["difference_points"] <= hi
+        assert f["reproduced"] == (lo > 0 and f["difference_points"] >= f["min_points"])
+    assert report["findings"]["grpo_minus_sft"]["min_points"] == 10
     assert set(report["parameters"]) == {"teacher", "student"}
     teacher, student = report["parameters"]["teacher"], report["parameters"]["student"]
     assert 3 <= teacher["total"] / student["total"] <= 7, "the student is about 5x smaller"
@@ -64,7 +72,8 @@ def test_every_stage_and_artefact(run_dir):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (run_dir / "report.md").read_text()
     assert all(f"`{s}`" in md for s in STAGE_ROWS) and "minir1 chat --ckpt" in md
-    for d in ("base", "sft", "grpo", "rs_sft", "final", "student_base", "student_distill", "student_grpo"):
+    for d in ("base", "sft", "sft_worked", "grpo", "rs_sft", "final", "student_base", "student_distill",
+              "student_grpo"):
         assert (run_dir / d / "config.json").is_file() and (run_dir / d / "tokenizer.json").is_file(), d
     grpo_rows = [json.loads(x) for x in (run_dir / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert len(grpo_rows) == SpeedrunConfig.preset("minimal").grpo_steps
@@ -107,6 +116,24 @@ def test_a_second_start_continues_from_the_last_finished_stage(run_dir, capsys):
     assert "speculative" in json.loads((run_dir / "speedrun_state.json").read_text())["stages"]
 
 
+def test_a_claim_of_a_size_needs_the_difference_to_reach_it():
+    from minir1.report import finding
+
+    def stage(passes: list[float]) -> dict:
+        return {"eval": {"pass@1": sum(passes) / len(passes), "format_rate": 1.0, "mean_completion_tokens": 9.0,
+                         "per_problem": [{"question": f"q{i}", "pass@1": p} for i, p in enumerate(passes)]}}
+
+    # 400 problems: b solves the first 200, a solves those and 24 more: +6 points, an interval well above zero.
+    stages = {"a": stage([1.0] * 224 + [0.0] * 176), "b": stage([1.0] * 200 + [0.0] * 200)}
+    f = finding(stages, "a", "b", "claim")
+    assert f["difference_points"] == pytest.approx(6.0) and f["ci95"][0] > 0 and f["reproduced"]
+    f = finding(stages, "a", "b", "claim", min_points=10.0)
+    assert f["ci95"][0] > 0 and not f["reproduced"] and f["min_points"] == 10.0
+    stages["a"] = stage([1.0] * 250 + [0.0] * 150)  # +12.5
+    assert finding(stages, "a", "b", "claim", min_points=10.0)["reproduced"]
+    assert not finding(stages, "b", "a", "claim")["reproduced"]  # a drop is never a reproduction
+
+
 def test_unknown_preset_and_setting():
     with pytest.raises(ValueError, match="unknown speedrun preset"):
         SpeedrunConfig.preset("laptop")
@@ -147,11 +174,11 @@ def test_the_lanes_run_one_after_another_with_no_parallel(tmp_path, capsys):
     assert main(["speedrun", "--preset", "minimal", "--no-parallel", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     order = [line.split()[1] for line in out.splitlines() if line.startswith("[speedrun] ") and line.endswith(" ...")]
-    assert order.index("base") < order.index("r1_zero") < order.index("student_distill")
+    assert order.index("base") < order.index("sft_worked") < order.index("r1_zero") < order.index("student_distill")
     assert order.index("student_base") < order.index("student_distill") and "second process" not in out
     assert not (tmp_path / "side_lane.log").exists()
     state = json.loads((tmp_path / "speedrun_state.json").read_text())
-    assert all(s["done"] for s in state["stages"].values()) and len(state["stages"]) == 15
+    assert all(s["done"] for s in state["stages"].values()) and len(state["stages"]) == 16
     report = json.loads((tmp_path / "report.json").read_text())
     assert 0 < report["wall_seconds"] and report["total_seconds"] > 0
 
@@ -182,5 +209,5 @@ def test_the_parallel_run_recorded_every_stage_of_both_lanes(run_dir):
         pytest.skip("one lane on this machine")
     state = json.loads((run_dir / "speedrun_state.json").read_text())
     log = (run_dir / "side_lane.log").read_text()
-    for name in ("student_base", "student_zero", "student_sft", "student_grpo", "r1_zero"):
+    for name in ("student_base", "student_zero", "student_sft", "student_grpo", "sft_worked", "r1_zero"):
         assert state["stages"][name]["done"] and f"[speedrun] {name} finished" in log

@@ -59,3 +59,40 @@ def test_paired_bootstrap_by_hand():
     assert excludes_zero((lo, hi)) and paired_bootstrap(a, b, seed=1) == (diff, (lo, hi))   # seeded
     with pytest.raises(ValueError, match="equal, non-empty"):
         paired_bootstrap([1.0], [1.0, 0.0])
+
+
+def test_evaluation_counts_answers_with_and_without_working_by_hand(tiny_tokenizer, monkeypatch):
+    """Four problems, two samples each, from a stand-in engine: the thinking rate and the accuracy of each kind
+    of answer are counts anyone can redo."""
+    import minir1.evaluate as evaluate_mod
+    from minir1.engine.batch import Completion
+    from minir1.evaluate import EvalConfig, evaluate
+    from minir1.tasks import get_task
+
+    task = get_task("arithmetic:digits=3")
+    problems = task.take(4, "test", 0)
+
+    def response(i: int, s: int) -> str:
+        p = problems[i]
+        answer = p.answer if (i, s) in {(0, 0), (0, 1), (1, 0), (2, 1)} else "-1"  # right on 4 of 8
+        if (i, s) in {(2, 0), (2, 1), (3, 0)}:
+            return f"\n</think>\n<answer>{answer}</answer>"            # no working (the prompt opened <think>)
+        if (i, s) == (3, 1):
+            return "no tags at all"                                  # invalid: neither kind
+        return f"working\n</think>\n<answer>{answer}</answer>"
+
+    class StandIn:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def generate(self, prompts, params):
+            return [Completion(i, s, [1, 2, 3], response(i, s), None, "stop")
+                    for i in range(len(prompts)) for s in range(params.n)]
+
+    monkeypatch.setattr(evaluate_mod, "Engine", StandIn)
+    r = evaluate(None, tiny_tokenizer, task, EvalConfig(n=4, samples=2))
+    assert r["pass@1"] == pytest.approx(4 / 8)
+    assert r["format_rate"] == pytest.approx(7 / 8)
+    assert r["thinking_rate"] == pytest.approx(4 / 8)            # (0,0) (0,1) (1,0) (1,1)
+    assert r["accuracy_thinking"] == pytest.approx(3 / 4)        # (0,0) (0,1) (1,0)
+    assert r["accuracy_no_thinking"] == pytest.approx(1 / 3)     # (2,1) of (2,0) (2,1) (3,0)

@@ -193,6 +193,38 @@ def test_packed_examples_do_not_see_each_other(tiny_tokenizer):
     torch.testing.assert_close(packed[0, sel], alone[0], atol=1e-5, rtol=0)
 
 
+def cold_start_examples(tokenizer, n: int, **kw) -> list[str]:
+    import random
+    stage = SFTStage(tokenizer, seq_len=128, micro_batch_size=8, task=get_task("arithmetic:digits=3"), **kw)
+    examples = stage._examples(random.Random(0))
+    return [tokenizer.decode(prompt + completion) for prompt, completion in (next(examples) for _ in range(n))]
+
+
+def test_a_cold_start_can_mix_answers_without_working(tiny_tokenizer):
+    plain = cold_start_examples(tiny_tokenizer, 400)
+    assert all("\n\n</think>" not in x for x in plain)
+    # A fraction of 0 is the plain cold start, example for example (its draw never touches the problems' stream).
+    assert cold_start_examples(tiny_tokenizer, 400, no_think_fraction=0.0) == plain
+    mixed = cold_start_examples(tiny_tokenizer, 400, no_think_fraction=0.3)
+    empty = [x for x in mixed if "<think>\n\n</think>\n<answer>" in x]
+    assert 0.22 < len(empty) / len(mixed) < 0.38, len(empty)  # binomial(400, 0.3): sd 0.023
+    from minir1.rewards import accuracy_reward, format_reward
+    for x in empty:  # a valid response, whose answer is right
+        question, response = x.split("?", 1)
+        a, op, b = question.split()[-3:]
+        response = response[response.index("<think>"):response.index("</answer>") + len("</answer>")]
+        assert format_reward(response) == 1.0
+        value = {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b)}[op]
+        assert accuracy_reward(response, str(value)) == 1.0
+    worked = [x for x in mixed if x not in empty]
+    assert all("</think>" in x and ", so " in x for x in worked)
+    assert all("<think>\n\n</think>" in x for x in cold_start_examples(tiny_tokenizer, 50, no_think_fraction=1.0))
+    with pytest.raises(ValueError, match="no_think_fraction \\(1.5\\) must be between 0 and 1"):
+        cold_start_examples(tiny_tokenizer, 1, no_think_fraction=1.5)
+    with pytest.raises(ValueError, match="not to chat data"):
+        sft_stage(tiny_tokenizer, no_think_fraction=0.5)
+
+
 def init_checkpoint(tokenizer_dir: Path, tmp_path: Path):
     from minir1 import Tokenizer
     ckpt = tmp_path / "init"
@@ -225,6 +257,8 @@ def test_sft_on_a_chat_file_through_the_cli(tokenizer_dir, tmp_path):
     (["pretrain", "--task", "jsonl:/nonexistent.jsonl"], "/nonexistent.jsonl: no such file"),
     (["sft", "--init", "/nonexistent", "--task", "arithmetic"], "/nonexistent does not exist"),
     (["sft", "--init", "/nonexistent"], "exactly one of --task NAME or --data FILE.jsonl"),
+    (["sft", "--init", "/nonexistent", "--data", "x.jsonl", "--no-think-fraction", "0.5"], "not to --data"),
+    (["sft", "--init", "/nonexistent", "--task", "arithmetic", "--no-think-fraction", "-1"], "between 0 and 1"),
     (["eval", "--ckpt", "/nonexistent", "--task", "arithmetic"], "/nonexistent does not exist"),
     (["eval", "--ckpt", "/nonexistent", "--task", "arithmetic", "--n", "0"], "--n (0)"),
     (["grpo", "--init", "/nonexistent", "--task", "arithmetic", "--loss", "ppo"], "loss ('ppo') must be one of"),

@@ -456,7 +456,8 @@ class GRPOStage:
                                           max_new_tokens=self.cfg.max_new_tokens, template=self.cfg.template,
                                           seed=self.seed, at_most=True))
                 self._eval = {"eval_pass@1": res["pass@1"], "eval_pass@1_ci95": res["pass@1_ci95"],
-                              "eval_format_rate": res["format_rate"], "eval_problems": res["problems"],
+                              "eval_format_rate": res["format_rate"], "eval_thinking_rate": res["thinking_rate"],
+                              "eval_problems": res["problems"],
                               "eval_problems_distinct": res["problems_distinct"],
                               "eval_mean_completion_tokens": res["mean_completion_tokens"]}
         # The loop deals micro-batches out round-robin: this is our j-th of n_micro / world. The rows are cut

@@ -72,11 +72,19 @@ class SFTStage:
     seed: int = 0
     data_source: str = ""
     name: str = "sft"
+    # Task examples answered with an empty <think></think>, as data mixing reasoning and non-reasoning answers
+    # holds (R1 §2.3.3 gives simple queries no chain of thought; Qwen3's thinking/non-thinking SFT): a cold
+    # start whose policy can answer with or without working, for RL to choose between by reward alone.
+    no_think_fraction: float = 0.0
     _pairs: list[tuple[list[int], list[int]]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if (self.task is None) == (self.conversations is None):
             raise ValueError("SFT needs exactly one of a task or conversations")
+        if not 0.0 <= self.no_think_fraction <= 1.0:
+            raise ValueError(f"no_think_fraction ({self.no_think_fraction}) must be between 0 and 1")
+        if self.no_think_fraction and self.task is None:
+            raise ValueError("no_think_fraction applies to a task's worked solutions (--task), not to chat data")
         if self.conversations is not None:
             self._pairs = [p for c in self.conversations for p in encode_conversation(self.tokenizer, c)]
         self._rows = StepRows(self._step_rows)
@@ -84,12 +92,17 @@ class SFTStage:
 
     def _examples(self, rng: random.Random):
         if self.task is not None:
+            # Its own stream, drawn only when used, so that a fraction of 0 leaves the examples as they were.
+            mode = random.Random(rng.random()) if self.no_think_fraction else None
             while True:
                 p = self.task.make(rng)
                 if self.task.heldout(p):
                     continue
+                working = p.solution
+                if mode is not None and mode.random() < self.no_think_fraction:
+                    working = ""
                 msgs = [{"role": "user", "content": p.question},
-                        {"role": "assistant", "content": r1_response(p.solution, p.answer)}]
+                        {"role": "assistant", "content": r1_response(working, p.answer)}]
                 yield from encode_conversation(self.tokenizer, msgs)
         else:  # sampled with replacement from the file's examples, seeded by (seed, step)
             while True:
@@ -162,7 +175,8 @@ class SFTStage:
         return {"documents": float(self._documents)}
 
     def config(self) -> dict[str, Any]:
-        return {"data": self.data_source, "seq_len": self.seq_len, "examples": len(self._pairs) or None}
+        mix = {"no_think_fraction": self.no_think_fraction} if self.no_think_fraction else {}
+        return {"data": self.data_source, "seq_len": self.seq_len, "examples": len(self._pairs) or None, **mix}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,6 +194,10 @@ class SFTConfig:
                                                              "solutions: arithmetic, countdown or jsonl:PATH"})
     data: str | None = field(default=None, metadata={"help": "or chat data: a .jsonl file of "
                                                              "{\"messages\": [...]} lines"})
+    no_think_fraction: float = field(default=0.0, metadata={"help": "with --task: this fraction of the examples "
+                                                                    "answer with an empty <think></think> (a "
+                                                                    "cold start mixing answers with and without "
+                                                                    "working)"})
     train: TrainConfig = field(default_factory=_sft_train)
 
 
@@ -190,12 +208,17 @@ def sft(cfg: SFTConfig) -> TrainResult:
     from minir1.tasks import get_task
     if bool(cfg.task) == bool(cfg.data):
         raise ValueError("sft needs exactly one of --task NAME or --data FILE.jsonl")
+    if not 0.0 <= cfg.no_think_fraction <= 1.0:
+        raise ValueError(f"--no-think-fraction ({cfg.no_think_fraction}) must be between 0 and 1")
+    if cfg.no_think_fraction and cfg.data:
+        raise ValueError("--no-think-fraction applies to a task's worked solutions (--task), not to --data")
     tc = prepare(cfg.train)
     tokenizer = Tokenizer.from_pretrained(cfg.init)
     model = load_model(cfg.init)
     mb = tc.micro_batch_size or tc.batch_size
     if cfg.task:
-        stage = SFTStage(tokenizer, tc.seq_len, mb, task=get_task(cfg.task), seed=tc.seed, data_source=cfg.task)
+        stage = SFTStage(tokenizer, tc.seq_len, mb, task=get_task(cfg.task), seed=tc.seed, data_source=cfg.task,
+                         no_think_fraction=cfg.no_think_fraction)
     else:
         stage = SFTStage(tokenizer, tc.seq_len, mb, conversations=load_chat_file(cfg.data), seed=tc.seed,
                          data_source=str(cfg.data))
