@@ -257,7 +257,7 @@ def test_sft_on_a_chat_file_through_the_cli(tokenizer_dir, tmp_path):
     (["pretrain", "--task", "jsonl:/nonexistent.jsonl"], "/nonexistent.jsonl: no such file"),
     (["sft", "--init", "/nonexistent", "--task", "arithmetic"], "/nonexistent does not exist"),
     (["sft", "--init", "/nonexistent"], "exactly one of --task NAME or --data FILE.jsonl"),
-    (["sft", "--init", "/nonexistent", "--data", "x.jsonl", "--no-think-fraction", "0.5"], "not to --data"),
+    (["sft", "--init", "/nonexistent", "--data", "x.jsonl", "--no-think-fraction", "0.5"], "not to chat data (--data)"),
     (["sft", "--init", "/nonexistent", "--task", "arithmetic", "--no-think-fraction", "-1"], "between 0 and 1"),
     (["eval", "--ckpt", "/nonexistent", "--task", "arithmetic"], "/nonexistent does not exist"),
     (["eval", "--ckpt", "/nonexistent", "--task", "arithmetic", "--n", "0"], "--n (0)"),

@@ -62,6 +62,13 @@ def encode_conversation(tokenizer: Tokenizer, messages: list[dict[str, str]]) ->
     return pairs
 
 
+def check_no_think_fraction(fraction: float, with_task: bool) -> None:
+    if not 0.0 <= fraction <= 1.0:  # NaN fails this too
+        raise ValueError(f"no_think_fraction ({fraction}) must be between 0 and 1")
+    if fraction and not with_task:
+        raise ValueError("no_think_fraction applies to a task's worked solutions (--task), not to chat data (--data)")
+
+
 @dataclass
 class SFTStage:
     tokenizer: Tokenizer
@@ -81,10 +88,7 @@ class SFTStage:
     def __post_init__(self) -> None:
         if (self.task is None) == (self.conversations is None):
             raise ValueError("SFT needs exactly one of a task or conversations")
-        if not 0.0 <= self.no_think_fraction <= 1.0:
-            raise ValueError(f"no_think_fraction ({self.no_think_fraction}) must be between 0 and 1")
-        if self.no_think_fraction and self.task is None:
-            raise ValueError("no_think_fraction applies to a task's worked solutions (--task), not to chat data")
+        check_no_think_fraction(self.no_think_fraction, with_task=self.task is not None)
         if self.conversations is not None:
             self._pairs = [p for c in self.conversations for p in encode_conversation(self.tokenizer, c)]
         self._rows = StepRows(self._step_rows)
@@ -208,10 +212,7 @@ def sft(cfg: SFTConfig) -> TrainResult:
     from minir1.tasks import get_task
     if bool(cfg.task) == bool(cfg.data):
         raise ValueError("sft needs exactly one of --task NAME or --data FILE.jsonl")
-    if not 0.0 <= cfg.no_think_fraction <= 1.0:
-        raise ValueError(f"--no-think-fraction ({cfg.no_think_fraction}) must be between 0 and 1")
-    if cfg.no_think_fraction and cfg.data:
-        raise ValueError("--no-think-fraction applies to a task's worked solutions (--task), not to --data")
+    check_no_think_fraction(cfg.no_think_fraction, with_task=bool(cfg.task))  # before the model is loaded
     tc = prepare(cfg.train)
     tokenizer = Tokenizer.from_pretrained(cfg.init)
     model = load_model(cfg.init)
