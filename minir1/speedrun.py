@@ -53,7 +53,6 @@ from minir1.train.sft import SFTConfig, sft
 STATE = "speedrun_state.json"
 SIDE_LOG = "side_lane.log"  # what the second lane's process prints
 HELDOUT = "heldout.jsonl"  # the exact held-out problems every stage was evaluated on
-EVALUATED = ("base", "sft", "grpo", "r1_zero", "rs_sft", "student_distill", "student_zero", "student_grpo")
 
 
 @dataclass
