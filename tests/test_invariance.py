@@ -234,6 +234,32 @@ def test_leaving_out_the_rows_of_flat_groups_changes_no_gradient(tiny_tokenizer,
         assert_same_gradient(full, step_gradient(model, stage, n_micro))
 
 
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo"])
+def test_leaving_out_truncated_rows_changes_no_gradient(tiny_tokenizer, monkeypatch, loss):
+    """Under overlong="mask" a truncated completion has no counted token: with β = 0 it adds nothing, though
+    its advantage is not zero, and leaving it out of the forward gives the full computation's gradient."""
+    import minir1.train.grpo as grpo_mod
+    model = model_for(tiny_tokenizer, seed=7)
+    stage = ragged_rollout_stage(tiny_tokenizer, model, loss, micro_batch_size=12)
+    stage.counts_routing = False
+    monkeypatch.setattr(grpo_mod, "SKIP_FLAT_UPDATES", False)
+    step_gradient(model, stage, 1)  # the step's rollouts, kept for the calls below
+    ro = stage._rollouts
+    masked = [0, 5]  # as the rollout leaves a truncated row under overlong="mask"
+    ro.mask[masked] = 0
+    assert bool((ro.advantages[masked] != 0).all())
+    full = step_gradient(model, stage, 1)
+    ran = []
+    real = grpo_mod.completion_logprobs
+    monkeypatch.setattr(grpo_mod, "completion_logprobs",
+                        lambda m, ids, *a, **k: ran.append(len(ids)) or real(m, ids, *a, **k))
+    monkeypatch.setattr(grpo_mod, "SKIP_FLAT_UPDATES", True)
+    for n_micro in (1, 3):
+        ran.clear()
+        assert_same_gradient(full, step_gradient(model, stage, n_micro))
+        assert sum(ran) == int((ro.mask > 0).any(-1).sum()) <= len(ro.advantages) - len(masked)  # they did not run
+
+
 def test_skipping_the_update_of_flat_groups_changes_no_weight(tiny_tokenizer, tmp_path, monkeypatch):
     """An untrained model scores 0 everywhere: every advantage is zero, and with β = 0 the update's forward
     and backward are skipped. The weights after 3 steps (AdamW with weight decay) equal those of the full

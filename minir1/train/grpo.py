@@ -39,7 +39,7 @@ from minir1.train.prefix_tree import PrefixForest, forest_logprobs, pair_cost, p
 
 log = logging.getLogger(__name__)
 LOSSES = ("grpo", "dr_grpo", "dapo")
-SKIP_FLAT_UPDATES = True  # completions whose advantage is zero (β = 0) skip the forward and backward
+SKIP_FLAT_UPDATES = True  # completions that add nothing (advantage 0, or no counted token; β = 0) skip the update
 FORWARD_OVERHEAD_TOKENS = 256  # what one more forward + backward costs, in tokens (length_buckets)
 LOG_RATIO_CLAMP = 20.0  # keeps exp() of the KL term finite
 
@@ -489,11 +489,12 @@ class GRPOStage:
         rows: slice | Tensor = s
         if SKIP_FLAT_UPDATES and self.cfg.beta == 0 and not distributed.info().enabled and \
                 not (self.counts_routing and getattr(model, "moe_layers", list)()):
-            # A completion whose advantage is zero adds exactly nothing to the loss or its gradient when there is
-            # no KL term (the normalisers are the whole step's), so only the others run the forward and backward:
-            # the rows of groups whose rewards were all equal are left out. (Not when the balancing update is on:
-            # it counts the expert loads of every row.)
-            rows = s.start + torch.nonzero(ro.advantages[s]).flatten()
+            # A completion whose advantage is zero, or none of whose tokens count (truncated, under
+            # overlong="mask"), adds exactly nothing to the loss or its gradient when there is no KL term (the
+            # normalisers are the whole step's), so only the others run the forward and backward: the rows of
+            # groups whose rewards were all equal are left out. (Not when the balancing update is on: it counts
+            # the expert loads of every row.)
+            rows = s.start + torch.nonzero((ro.advantages[s] != 0) & (ro.mask[s] > 0).any(-1)).flatten()
             if rows.numel() == 0:
                 # Nothing to learn from in this micro-batch (an untrained model's groups all score alike): every
                 # parameter gets its zero gradient, so the optimizer step is the one the full computation takes.
