@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     if bool(args.ckpt) != bool(args.task):
         ap.error("--ckpt and --task go together")
-    from minir1.train.grpo import completion_logprobs, plan_forests
+    from minir1.train.grpo import completion_logprobs, plan_forest
     from minir1.train.prefix_tree import prefix_tries
     with tempfile.TemporaryDirectory() as d:
         ckpt, task = args.ckpt, args.task
@@ -87,12 +87,11 @@ def main() -> None:
             times[share].append(update(share))
     totals = (prompt_lens + lengths).tolist()
     from minir1.train.grpo import length_buckets
-    forests = plan_forests(model, ids, prompt_lens, lengths, totals, length_buckets(totals))
-    nodes = sum(f.nodes for f in forests) if forests else None
+    forest = plan_forest(model, ids, prompt_lens, lengths, totals, length_buckets(totals))
     one = sum(prefix_tries(ids, prompt_lens, lengths).sizes)
     ratio = statistics.median(a / b for a, b in zip(times[False], times[True]))
     print(f"{ids.shape[0]} rows, {sum(totals)} tokens; {one} distinct prefixes; the plan: "
-          + (f"{len([1 for f in forests for _ in f.ids])} trees, {nodes} nodes" if forests else "rows apart"))
+          + (f"{forest.nodes} nodes" if forest is not None else "rows apart"))
     print(f"update (log-probs + loss + backward), median of {args.repeats}: rows apart "
           f"{statistics.median(times[False]) * 1e3:.1f} ms, prefix trees {statistics.median(times[True]) * 1e3:.1f} ms;"
           f" median ratio x{ratio:.2f}")

@@ -10,7 +10,7 @@ import torch
 
 import minir1.train.grpo as grpo_mod
 from minir1.models.dense import DenseConfig, DenseTransformer
-from minir1.train.grpo import completion_logprobs, length_buckets, plan_forests
+from minir1.train.grpo import completion_logprobs, length_buckets, plan_forest
 from minir1.train.prefix_tree import forest_logprobs, pair_cost, prefix_tries
 from tests.test_invariance import (
     assert_same_gradient,
@@ -31,25 +31,32 @@ def batch(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.
     return ids, torch.tensor([len(p) for p, _ in rows]), torch.tensor([len(c) for _, c in rows])
 
 
-def test_the_tries_hold_each_distinct_prefix_once_and_a_node_sees_only_its_ancestors():
+def test_the_tries_hold_each_distinct_prefix_once_and_each_rollout_reads_its_own_nodes():
     a, b = [5, 6, 7], [5, 6]
     ids, pl, lens = batch([(a, [1, 2, 3]), (b, [9]), (a, [1, 2, 4]), (a, [1, 2])])  # the last: a prefix of both
     tries = prefix_tries(ids, pl, lens)
     assert tries.members == [[0, 2, 3], [1]]
     assert tries.sizes == [3 + 3 + 1, 2 + 1]
     forest = tries.pack()
-    assert forest.nodes == 10
-    tok, pos, mask = forest.ids[0], forest.positions[0], forest.attn_mask[0]
-    four = int((tok == 4).nonzero())
-    three = int((tok == 3).nonzero())
+    assert forest.nodes == 10 and forest.ids.shape == forest.positions.shape == (1, 10)
+    tok, pos = forest.ids[0], forest.positions[0]
+    four, three = int((tok == 4).nonzero()), int((tok == 3).nonzero())
     assert int(pos[four]) == int(pos[three]) == 5  # both at the position they have in their rollout
-    assert mask[four].tolist() == [True] * 5 + [False, True]  # the prompt, 1, 2 and itself: not the 3
-    # every completion token's log-prob comes from the node before it, with the token as its target
     assert forest.rows.tolist() == [0, 2, 3, 1]
+    index, source = forest.gather.index, forest.gather.source
     for i, r in enumerate(forest.rows.tolist()):
         p, n = int(pl[r]), int(lens[r])
+        assert tok[index[i, :p + n]].tolist() == ids[r, :p + n].tolist()  # the rollout, token by token
+        assert pos[index[i, :p + n]].tolist() == list(range(p + n))
+        # every completion token's log-prob comes from the node before it, with the token as its target
         assert forest.targets[i, :n].tolist() == ids[r, p:p + n].tolist()
         assert forest.valid[i].sum() == n
+        assert forest.logits_at[0, forest.pick[i, :n]].tolist() == index[i, p - 1:p + n - 1].tolist()
+    # each node takes its attention output from a row position that holds it
+    assert len(set(source.tolist())) == 10
+    assert [int(index.flatten()[s]) for s in source.tolist()] == list(range(10))
+    assert index[0, :5].tolist() == index[1, :5].tolist()  # rows 0 and 2 share the prompt and 1, 2: same nodes
+    assert index.shape == (4, 6)
 
 
 def dense_model(vocab: int) -> DenseTransformer:
@@ -121,7 +128,7 @@ def test_the_forests_fp32_gradient_is_as_accurate_as_the_rows(tiny_tokenizer, mo
         return torch.cat([p.grad.double().flatten() for p in m.parameters() if p.grad is not None])
 
     monkeypatch.setattr(grpo_mod, "pair_cost", lambda m: 1e-9)  # tiny rows: make the trees the cheaper plan
-    assert plan_forests(model, ids, pl, lens, (pl + lens).tolist(), length_buckets((pl + lens).tolist()))
+    assert plan_forest(model, ids, pl, lens, (pl + lens).tolist(), length_buckets((pl + lens).tolist()))
     exact = grad(copy.deepcopy(model).double(), False)
     rows, tree = grad(model, False), grad(model, True)
     err_rows, err_tree = float((rows - exact).norm() / exact.norm()), float((tree - exact).norm() / exact.norm())
@@ -136,30 +143,20 @@ def test_the_tree_runs_only_where_it_is_cheaper(tiny_tokenizer):
     def plan(rows):
         ids, pl, lens = batch(rows)
         totals = (pl + lens).tolist()
-        return plan_forests(model, ids, pl, lens, totals, length_buckets(totals))
+        return plan_forest(model, ids, pl, lens, totals, length_buckets(totals))
 
-    # 8 short rollouts of one prompt, alike for their first 30 tokens: the shared tokens save more than the
-    # packed row's attention costs
+    # 8 rollouts of one prompt, alike for their first 30 tokens: the shared tokens run once
     stem = torch.randint(3, 300, (30,), generator=gen).tolist()
     alike = [(prompt, stem + torch.randint(3, 300, (10,), generator=gen).tolist()) for _ in range(8)]
-    forests = plan(alike)
-    assert forests is not None and sum(f.nodes for f in forests) < 8 * 56
-    assert sorted(int(r) for f in forests for r in f.rows) == list(range(8))
-    # 8 long rollouts sharing nothing but a short prompt: a packed row's square attention would cost more
-    apart = [(prompt[:4], torch.randint(3, 300, (400,), generator=gen).tolist()) for _ in range(8)]
-    assert plan(apart) is None
-
-
-def test_a_prompts_rollouts_are_cut_into_smaller_tries_where_attention_costs_more_than_sharing_saves():
-    gen = torch.Generator().manual_seed(1)
-    prompt = [7] * 10
-    rows = [(prompt, [5] * 6 + torch.randint(3, 300, (40,), generator=gen).tolist()) for _ in range(8)]
-    ids, pl, lens = batch(rows)
-    assert prefix_tries(ids, pl, lens).sizes == [10 + 6 + 8 * 40]  # no pair cost: one trie
-    cut = prefix_tries(ids, pl, lens, pair_cost=0.05)
-    assert len(cut.sizes) > 1 and sorted(r for m in cut.members for r in m) == list(range(8))
-    cost = lambda sizes: sum(n + 0.05 * n * n for n in sizes)  # noqa: E731
-    assert cost(cut.sizes) < cost([10 + 6 + 8 * 40])
+    forest = plan(alike)
+    assert forest is not None and forest.nodes <= 16 + 30 + 8 * 10  # not 8 * (16 + 40)
+    assert sorted(forest.rows.tolist()) == list(range(8))
+    # nothing shared (a prompt each): nothing to save
+    assert plan([(torch.randint(3, 300, (16,), generator=gen).tolist(), stem) for _ in range(8)]) is None
+    # a short shared prompt and one rollout far longer than the others: padding every rollout to it for
+    # attention would cost more than the prompt's tokens save
+    ragged = [(prompt[:2], torch.randint(3, 300, (n,), generator=gen).tolist()) for n in [4000] + [3] * 7]
+    assert plan(ragged) is None
 
 
 def test_pair_cost_follows_the_models_shapes(tiny_tokenizer):

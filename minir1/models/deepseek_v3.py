@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from minir1.errors import ConfigError
 from minir1.models.base import CausalLM, ModelOutput
-from minir1.models.layers import RMSNorm, at_positions, document_mask
+from minir1.models.layers import RMSNorm, RowGather, at_positions, document_mask
 
 # --------------------------------------------------------------------------------------------------
 # Configuration
@@ -348,7 +348,7 @@ class MLAttention(nn.Module):
         return self.kv_a_layernorm(latent), apply_rope(rope_key, cos, sin)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, scale: float, cache: Any = None,
-                layer_idx: int = 0, mask: Tensor | None = None) -> Tensor:
+                layer_idx: int = 0, mask: Tensor | RowGather | None = None) -> Tensor:
         B, T, _ = x.shape
         q_BTHd = self.queries(x)
         q_nope, q_rope = q_BTHd.split([self.nope_dim, self.rope_dim], dim=-1)
@@ -360,17 +360,20 @@ class MLAttention(nn.Module):
         # Training / full-sequence path: expand the latent to per-head keys and values (eq. 10-11).
         kv = self.kv_b_proj(latent_BTC).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
+        q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, rope_key_BTR[:, :, None, :].expand(B, T, self.n_heads, self.rope_dim)), dim=-1)
-        v = v.transpose(1, 2)
         pad = self.nope_dim + self.rope_dim - self.v_dim
         if pad > 0:  # equal head dims let SDPA take its fused (flash) kernel instead of the math path
             v = F.pad(v, (0, pad))
-        out_BHTv = F.scaled_dot_product_attention(q, k.transpose(1, 2), v, attn_mask=mask, is_causal=mask is None,
-                                                  scale=scale)
+        if isinstance(mask, RowGather):
+            out_BTHv = mask.attend(q, k, v, scale)
+        else:
+            out_BTHv = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                      attn_mask=mask, is_causal=mask is None,
+                                                      scale=scale).transpose(1, 2)
         if pad > 0:
-            out_BHTv = out_BHTv[..., :self.v_dim]
-        return self.o_proj(out_BHTv.transpose(1, 2).reshape(B, T, -1))
+            out_BTHv = out_BTHv[..., :self.v_dim]
+        return self.o_proj(out_BTHv.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -605,7 +608,7 @@ class Block(nn.Module):
                                else MLP(config.hidden_size, config.intermediate_size))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, scale: float, cache: Any = None,
-                mask: Tensor | None = None) -> Tensor:
+                mask: Tensor | RowGather | None = None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, scale, cache, self.layer_idx, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -695,7 +698,7 @@ class Transformer(CausalLM):
     def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: Any = None,
                 mtp: bool = False, return_dict: bool = False, logits_at: Tensor | None = None,
                 doc_ids: Tensor | None = None, counted: Tensor | None = None,
-                attn_mask: Tensor | None = None) -> Tensor | ModelOutput:
+                attn_mask: Tensor | None = None, gather: RowGather | None = None) -> Tensor | ModelOutput:
         """input_ids [B, T] -> logits [B, T, V], or only at the positions `logits_at` of each row: [B] gives
         [B, 1, V], [B, K] gives [B, K, V] (the head and its gradient skip every other position).
 
@@ -705,11 +708,16 @@ class Transformer(CausalLM):
         positions that restart at each document too). `attn_mask` [B, T, T] (bool, True where token i may
         attend to token j) replaces the causal mask outright, e.g. a prefix tree's ancestors
         (minir1/train/prefix_tree.py); `counted` [B, T] (bool) marks the real tokens: only they count in the
-        expert loads that steer the balancing bias (padding does not).
+        expert loads that steer the balancing bias (padding does not). `gather` (input_ids [1, N]: tokens that
+        several sequences share, stored once) runs attention over the sequences it lists (layers.RowGather).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         mask = attn_mask[:, None] if attn_mask is not None else None if doc_ids is None else document_mask(doc_ids)
+        if gather is not None:
+            if mtp:
+                raise ValueError("gather: MTP reads the sequences' next tokens, which a shared layout does not hold")
+            mask = gather
         if counted is None:
             return self._forward(input_ids, positions, cache, mtp, return_dict, logits_at, mask)
         moe = self.moe_layers()
@@ -722,7 +730,7 @@ class Transformer(CausalLM):
                 m.counted = None
 
     def _forward(self, input_ids: Tensor, positions: Tensor | None, cache: Any, mtp: bool, return_dict: bool,
-                 logits_at: Tensor | None, mask: Tensor | None) -> Tensor | ModelOutput:
+                 logits_at: Tensor | None, mask: Tensor | RowGather | None) -> Tensor | ModelOutput:
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)

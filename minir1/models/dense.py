@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from minir1.errors import ConfigError
 from minir1.models.base import CausalLM, ModelOutput
-from minir1.models.layers import RMSNorm, at_positions, document_mask
+from minir1.models.layers import RMSNorm, RowGather, at_positions, document_mask
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -233,7 +233,8 @@ class DenseAttention(nn.Module):
             self.k_norm = RMSNorm(self.dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Any = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Any = None,
+                mask: Tensor | RowGather | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.dim)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.dim)
@@ -244,6 +245,8 @@ class DenseAttention(nn.Module):
         scale = self.dim ** -0.5
         if cache is not None:  # the engine's GQA cache (minir1/engine/cache.py) writes and attends
             out = cache.attend(self.layer_idx, q, k, v, scale)
+        elif isinstance(mask, RowGather):
+            out = mask.attend(q, k, v, scale, enable_gqa=self.kv_heads != self.heads)
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, heads, T, Dh]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
@@ -271,7 +274,8 @@ class DenseBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = DenseMLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Any = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Any = None,
+                mask: Tensor | RowGather | None = None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -330,7 +334,7 @@ class DenseTransformer(CausalLM):
     def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: Any = None,
                 mtp: bool = False, return_dict: bool = False, logits_at: Tensor | None = None,
                 doc_ids: Tensor | None = None, counted: Tensor | None = None,
-                attn_mask: Tensor | None = None) -> Tensor | ModelOutput:
+                attn_mask: Tensor | None = None, gather: RowGather | None = None) -> Tensor | ModelOutput:
         """As DeepSeek-V3's Transformer.forward (minir1/models/deepseek_v3.py); `mtp` and `counted` (for expert
         balancing) have nothing to act on here."""
         if input_ids.dim() != 2:
@@ -341,6 +345,8 @@ class DenseTransformer(CausalLM):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         mask = attn_mask[:, None] if attn_mask is not None else None if doc_ids is None else document_mask(doc_ids)
+        if gather is not None:
+            mask = gather
         for layer in self.layers:
             x = layer(x, cos, sin, cache, mask)
         hidden = x

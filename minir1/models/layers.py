@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,6 +53,31 @@ def document_mask(doc_ids: Tensor) -> Tensor:
     T = doc_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
+@dataclass
+class RowGather:
+    """Attention for tokens stored once but read by several sequences (the shared prefixes of GRPO's rollouts,
+    minir1/train/prefix_tree.py): the model's position-wise work (projections, MLPs, experts) runs over the N
+    distinct tokens, laid out as one row [1, N]; attention gathers each sequence's tokens into a row of its
+    own, [R, L] right-padded, runs causal attention there (the fused kernel, no mask), and each token takes
+    its output from one of the rows that hold it. A token's keys and values serve every row through it, so
+    their gradients add up over those rows, as the rows run apart would give."""
+
+    index: Tensor  # [R, L] the token at each row position (padding: any token; causality keeps it unread)
+    source: Tensor  # [N] for each token, the flat position r * L + t of the row copy whose output it takes
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float, enable_gqa: bool = False) -> Tensor:
+        """q [1, N, H, d], k [1, N, Hk, d], v [1, N, Hk, dv] -> attention output [1, N, H, dv]."""
+        R, L = self.index.shape
+        flat = self.index.flatten()
+
+        def rows(x: Tensor) -> Tensor:
+            return x[0].index_select(0, flat).view(R, L, *x.shape[2:]).transpose(1, 2)  # [R, heads, L, d]
+
+        out = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), is_causal=True, scale=scale,
+                                             enable_gqa=enable_gqa)
+        return out.transpose(1, 2).flatten(0, 1).index_select(0, self.source)[None]
 
 
 def at_positions(x: Tensor, logits_at: Tensor | None) -> Tensor:

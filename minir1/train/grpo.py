@@ -208,13 +208,12 @@ def completion_logprobs(model: CausalLM, ids: Tensor, prompt_lens: Tensor, comp_
     totals = (prompt_lens + lengths.clamp_min(1)).tolist()
     groups = length_buckets(totals)
     if share_prefixes:
-        forests = plan_forests(model, ids, prompt_lens, lengths, totals, groups)
-        if forests is not None:
-            parts = [forest_logprobs(model, f, comp_len, temperature) for f in forests]
-            order = torch.cat([f.rows for f in forests])
-            back = torch.empty_like(order)
-            back[order] = torch.arange(len(order), device=order.device)
-            return torch.cat([p[0] for p in parts])[back], torch.cat([p[1] for p in parts])[back]
+        forest = plan_forest(model, ids, prompt_lens, lengths, totals, groups)
+        if forest is not None:
+            logp, entropy = forest_logprobs(model, forest, comp_len, temperature)
+            back = torch.empty_like(forest.rows)
+            back[forest.rows] = torch.arange(len(back), device=back.device)
+            return logp[back], entropy[back]
     if len(groups) == 1:  # one group: the rows as they are, no gather and scatter
         return _logprobs(model, ids[:, :max(totals)], prompt_lens, comp_len, temperature, lengths)
     parts, rows = [], []
@@ -229,21 +228,19 @@ def completion_logprobs(model: CausalLM, ids: Tensor, prompt_lens: Tensor, comp_
     return torch.cat([p[0] for p in parts])[back], torch.cat([p[1] for p in parts])[back]
 
 
-def plan_forests(model: CausalLM, ids: Tensor, prompt_lens: Tensor, lengths: Tensor, totals: list[int],
-                 groups: list[list[int]]) -> list[PrefixForest] | None:
-    """The rows' prefix tries, in forwards of similar-sized tries (`length_buckets`), if they cost less
-    than the rows run in their length groups; else None. Cost in tokens' worth: nodes (padded) plus
-    pair_cost x attention pairs (a full square under a mask; the rows' causal squares), plus the fixed
-    cost of each forward."""
+def plan_forest(model: CausalLM, ids: Tensor, prompt_lens: Tensor, lengths: Tensor, totals: list[int],
+                groups: list[list[int]]) -> PrefixForest | None:
+    """The rows' prefix tries, if they cost less than the rows run in their length groups; else None. Cost in
+    tokens' worth: the tokens that run (the tries' distinct nodes; the groups' padded rows) plus pair_cost x
+    the causal attention pairs (the tries' attention runs on the rows padded to the longest), plus the
+    fixed cost of each forward."""
     c = pair_cost(model)
-    tries = prefix_tries(ids, prompt_lens, lengths, c)
-    sizes = tries.sizes
-    buckets = length_buckets(sizes)
-    tree = sum(len(b) * max(sizes[i] for i in b) * (1 + c * max(sizes[i] for i in b)) for b in buckets)
-    rows = sum(len(g) * max(totals[i] for i in g) for g in groups) + c * sum(t * t for t in totals) / 2
-    if tree + FORWARD_OVERHEAD_TOKENS * len(buckets) >= rows + FORWARD_OVERHEAD_TOKENS * len(groups):
+    tries = prefix_tries(ids, prompt_lens, lengths)
+    tree = sum(tries.sizes) + c * len(totals) * max(totals) ** 2 / 2 + FORWARD_OVERHEAD_TOKENS
+    rows = sum(len(g) * max(totals[i] for i in g) * (1 + c * max(totals[i] for i in g) / 2) for g in groups)
+    if tree >= rows + FORWARD_OVERHEAD_TOKENS * len(groups):
         return None
-    return [tries.pack(b, ids.device) for b in buckets]
+    return tries.pack(ids.device)
 
 
 def _logprobs(model: CausalLM, ids: Tensor, prompt_lens: Tensor, comp_len: int, temperature: float,

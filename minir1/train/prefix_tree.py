@@ -3,15 +3,16 @@
 The G completions of a prompt share the prompt, and a confident policy's completions often share long
 stretches after it too (on the speedrun's task, the 8 completions of a group hold about half as many
 distinct prefixes as tokens). A token's log-probability depends only on the tokens before it, so every
-distinct prefix needs computing once: each group becomes one packed row holding its trie's nodes, where a
-node sits at its depth (the position it has in every rollout through it) and attends to exactly its
-ancestors. The logits at a shared node serve every rollout through it, and its gradient is the sum of
-theirs: the same loss and gradient as the rollouts run one by one, up to rounding.
+distinct prefix needs computing once: the tries' nodes (each at its depth, the position it has in every
+rollout through it) run as one row [1, N] through the model's position-wise work (projections, MLPs,
+experts: nearly all of it), and attention reads them back into the rollouts' own rows (`RowGather`:
+causal attention over each rollout, the fused kernel, no mask). The logits at a shared node serve every
+rollout through it, and its gradient is the sum of theirs: the same loss and gradient as the rollouts run
+one by one, up to rounding.
 
-The tree is not always cheaper: attention over a packed row costs its size squared, where the rollouts
-run apart cost the sum of their squares. So a prompt's rollouts may be cut into several tries where that
-pays (`prefix_tries`), and GRPO compares the forest's cost with the rows' (per-token matrix work against
-per-pair attention work, from the model's shapes: `pair_cost`) and takes the cheaper.
+A rollout's attention still costs its own square, and the rows are padded to the longest for it; GRPO
+compares the estimated cost with the rows' (per-token matrix work against per-pair attention work, from
+the model's shapes: `pair_cost`) and takes the cheaper.
 """
 
 from __future__ import annotations
@@ -25,27 +26,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minir1.models.base import CausalLM
-
-MASKED_PAIR_SLOWDOWN = 2.0  # measured on CPU: attention under a mask runs at about half the matmuls' FLOP/s
+from minir1.models.layers import RowGather
 
 
 @dataclass
 class PrefixForest:
-    """Tries packed into the rows of one batch (padded to the largest), covering the rollouts `rows`."""
+    """The tries' nodes as one row [1, N], covering the rollouts `rows`, with what reads the log-probs back."""
 
     rows: Tensor         # [n] the rollouts (rows of the GRPO batch) these tries hold
-    ids: Tensor          # [B, T] the token of each node (padding: 0)
-    positions: Tensor    # [B, T] each node's depth, its position in the rollouts through it
-    attn_mask: Tensor    # [B, T, T] node i attends to node j iff j is i or one of its ancestors
-    real: Tensor         # [B, T] nodes that are not padding
-    logits_at: Tensor    # [B, K] the nodes whose next-token distribution some rollout needs
-    pick: Tensor         # [n, C] for rollout rows[i]'s completion token c: its predicting node, as b * K + k
+    ids: Tensor          # [1, N] the token of each node
+    positions: Tensor    # [1, N] each node's depth, its position in the rollouts through it
+    gather: RowGather    # attention over the rollouts' rows of nodes
+    logits_at: Tensor    # [1, K] the nodes whose next-token distribution some rollout needs
+    pick: Tensor         # [n, C] for rollout rows[i]'s completion token c: its predicting node's slot k
     targets: Tensor      # [n, C] that token (0 past the rollout's length)
     valid: Tensor        # [n, C] c < the rollout's completion length
 
     @property
     def nodes(self) -> int:
-        return int(self.real.sum())
+        return self.ids.shape[1]
 
 
 @dataclass
@@ -91,68 +90,46 @@ class PrefixTries:
         self.depths.append(depths)
         self.paths.append(paths)
 
-    def pack(self, which: Sequence[int] | None = None, device: torch.device | str = "cpu") -> PrefixForest:
-        """Tries `which` (default: all) as one batch: one packed row per trie, right-padded to the largest."""
-        which = list(range(len(self.tokens))) if which is None else list(which)
-        order = [r for b in which for r in self.members[b]]
+    def pack(self, device: torch.device | str = "cpu") -> PrefixForest:
+        """Every trie's nodes, stored once, as one row; the rollouts' rows of nodes for attention."""
+        order = [r for m in self.members for r in m]
         local = {r: i for i, r in enumerate(order)}
         n, C = len(order), max(max(self.lengths, default=1), 1)
-        B, T = len(which), max(len(self.tokens[b]) for b in which)
-        tok = np.zeros((B, T), dtype=np.int64)
-        pos = np.zeros((B, T), dtype=np.int64)
-        mask = np.zeros((B, T, T), dtype=bool)
-        real = np.zeros((B, T), dtype=bool)
+        L = max(len(self.rows[r]) for r in order)
+        offsets = np.cumsum([0] + self.sizes)
+        N = int(offsets[-1])
+        tok = np.concatenate([np.asarray(t, dtype=np.int64) for t in self.tokens])
+        pos = np.concatenate([np.asarray(d, dtype=np.int64) for d in self.depths])
+        index = np.zeros((n, L), dtype=np.int64)
+        source = np.full(N, -1, dtype=np.int64)
         pick = np.zeros((n, C), dtype=np.int64)
         targets = np.zeros((n, C), dtype=np.int64)
         valid = np.zeros((n, C), dtype=bool)
-        slots = []
-        for i, b in enumerate(which):
-            size = len(self.tokens[b])
-            tok[i, :size], pos[i, :size], real[i, :size] = self.tokens[b], self.depths[b], True
-            m = mask[i]
-            for j, parent in enumerate(self.parents[b]):  # parents come first: a node sees what its parent sees
-                if parent >= 0:
-                    m[j] = m[parent]
-                m[j, j] = True
-            m[np.arange(size, T), np.arange(size, T)] = True  # padding sees only itself (no empty softmax)
-            slot: dict[int, int] = {}
-            for r, path in zip(self.members[b], self.paths[b]):
-                p, x = self.prompt_lens[r], local[r]
+        slot: dict[int, int] = {}
+        for b, (members, paths) in enumerate(zip(self.members, self.paths)):
+            for r, path in zip(members, paths):
+                x = local[r]
+                nodes = offsets[b] + np.asarray(path, dtype=np.int64)
+                index[x, :len(nodes)] = nodes
+                index[x, len(nodes):] = nodes[-1]  # padding: read by no real position (causal)
+                unset = source[nodes] < 0
+                source[nodes[unset]] = x * L + np.flatnonzero(unset)
+                p = self.prompt_lens[r]
                 for c in range(self.lengths[r]):
-                    pick[x, c] = slot.setdefault(path[p - 1 + c], len(slot))
+                    pick[x, c] = slot.setdefault(int(nodes[p - 1 + c]), len(slot))
                     targets[x, c] = self.rows[r][p + c]
                     valid[x, c] = True
-            slots.append(list(slot))
-        K = max(max(len(s) for s in slots), 1)
-        at = np.zeros((B, K), dtype=np.int64)
-        for i, (b, s) in enumerate(zip(which, slots)):
-            at[i, :len(s)] = s
-            pick[[local[r] for r in self.members[b]]] += i * K
-        pick *= valid
+        at = np.asarray(list(slot) or [0], dtype=np.int64)
 
         def t(a: np.ndarray) -> Tensor:
             return torch.from_numpy(a).to(device)
-        return PrefixForest(torch.tensor(order, device=device), t(tok), t(pos), t(mask), t(real), t(at), t(pick),
-                            t(targets), t(valid))
+        return PrefixForest(torch.tensor(order, device=device), t(tok)[None], t(pos)[None],
+                            RowGather(t(index), t(source)), t(at)[None], t(pick), t(targets), t(valid))
 
 
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def prefix_tries(ids: Tensor, prompt_lens: Tensor, lengths: Tensor, pair_cost: float = 0.0) -> PrefixTries:
+def prefix_tries(ids: Tensor, prompt_lens: Tensor, lengths: Tensor) -> PrefixTries:
     """ids [N, L] (each row its prompt, then its completion, right-padded), prompt_lens [N], lengths [N]
-    (completion tokens per row) -> tries over rows with the same prompt.
-
-    With `pair_cost` (one attention pair's work in tokens' worth, `pair_cost(model)`) a prompt's rows may be
-    cut into several tries: sorted, the trie of a run of rows has their total length less the prefixes
-    that neighbours share, and a dynamic programme picks the runs that minimise nodes + pair_cost * nodes^2
-    (a big trie's square attention can cost more than the prefixes it shares). 0: one trie per prompt."""
+    (completion tokens per row) -> one trie over the rows of each prompt."""
     p_list, l_list = prompt_lens.tolist(), lengths.tolist()
     rows = [ids[r, :p + n].tolist() for r, (p, n) in enumerate(zip(p_list, l_list))]
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -160,33 +137,13 @@ def prefix_tries(ids: Tensor, prompt_lens: Tensor, lengths: Tensor, pair_cost: f
         groups.setdefault(tuple(row[:p]), []).append(r)
     out = PrefixTries(rows, p_list, l_list)
     for group in groups.values():
-        if pair_cost <= 0 or len(group) == 1:
-            out.add(group)
-            continue
-        group = sorted(group, key=lambda r: rows[r])
-        shared = [0] + [_common(rows[a], rows[b]) for a, b in zip(group, group[1:])]
-        best, cut = [0.0], [0]
-        for j in range(1, len(group) + 1):
-            options, size = [], 0
-            for i in range(j - 1, -1, -1):  # the run group[i:j], grown to the left
-                size += len(rows[group[i]]) - (shared[i + 1] if i + 1 < j else 0)
-                options.append((best[i] + size + pair_cost * size * size, i))
-            b, i = min(options)
-            best.append(b)
-            cut.append(i)
-        runs, j = [], len(group)
-        while j > 0:
-            runs.append(group[cut[j]:j])
-            j = cut[j]
-        for run in reversed(runs):
-            out.add(run)
+        out.add(group)
     return out
 
 
 def pair_cost(model: CausalLM) -> float:
-    """One (query, key) pair of masked attention, fwd + bwd, in tokens' worth of matrix work: the per-pair
-    products (QK^T and PV, summed over layers and heads) against the activated parameters, times the
-    measured slowdown of attention under a mask."""
+    """One (query, key) pair of attention, in tokens' worth of matrix work: the per-pair products (QK^T and
+    PV, summed over layers and heads) against the activated parameters (a token's products)."""
     model = getattr(model, "module", model)  # under DDP, the wrapped model
     cfg = model.config
     heads = cfg.num_attention_heads
@@ -195,16 +152,15 @@ def pair_cost(model: CausalLM) -> float:
     v = getattr(cfg, "v_head_dim", None) or head_dim
     counts = getattr(model, "num_parameters", None)
     params = counts()["activated"] if callable(counts) else sum(p.numel() for p in model.parameters())
-    return MASKED_PAIR_SLOWDOWN * cfg.num_hidden_layers * heads * (qk + v) / max(params, 1)
+    return cfg.num_hidden_layers * heads * (qk + v) / max(params, 1)
 
 
 def forest_logprobs(model: CausalLM, forest: PrefixForest, comp_len: int,
                     temperature: float) -> tuple[Tensor, Tensor]:
     """Log-probs and entropies [n, comp_len] of the completion tokens of the forest's rollouts (0 past each
     one's length), as `completion_logprobs` computes them, from one forward over the forest."""
-    picked = model(forest.ids, positions=forest.positions, attn_mask=forest.attn_mask,
-                   logits_at=forest.logits_at, counted=forest.real).float()
-    logp_all = (picked / (temperature if temperature > 0 else 1.0)).log_softmax(-1).flatten(0, 1)  # [B*K, V]
+    picked = model(forest.ids, positions=forest.positions, gather=forest.gather, logits_at=forest.logits_at).float()
+    logp_all = (picked / (temperature if temperature > 0 else 1.0)).log_softmax(-1)[0]  # [K, V]
     logp = logp_all[forest.pick, forest.targets] * forest.valid
     with torch.no_grad():  # a metric: keep it out of the autograd graph
         entropy = -(logp_all.exp() * logp_all).sum(-1)[forest.pick] * forest.valid
