@@ -187,3 +187,12 @@ def test_sharing_prefixes_changes_no_grpo_gradient(tiny_tokenizer, loss, monkeyp
     for n_micro in (1, 3):
         assert_same_gradient(apart, step_gradient(model, stage, n_micro))
     assert calls
+
+
+def test_a_shared_layout_refuses_mtp(tiny_tokenizer):
+    """MTP reads each sequence's next tokens, which tokens stored once do not have: a clear error, not a
+    silent wrong answer."""
+    ids, pl, lens, _ = shared_rollouts(tiny_tokenizer)
+    forest = prefix_tries(ids, pl, lens).pack()
+    with pytest.raises(ValueError, match="MTP"):
+        model_for(tiny_tokenizer)(forest.ids, positions=forest.positions, gather=forest.gather, mtp=True)

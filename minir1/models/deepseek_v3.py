@@ -698,22 +698,21 @@ class Transformer(CausalLM):
     def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: Any = None,
                 mtp: bool = False, return_dict: bool = False, logits_at: Tensor | None = None,
                 doc_ids: Tensor | None = None, counted: Tensor | None = None,
-                attn_mask: Tensor | None = None, gather: RowGather | None = None) -> Tensor | ModelOutput:
+                gather: RowGather | None = None) -> Tensor | ModelOutput:
         """input_ids [B, T] -> logits [B, T, V], or only at the positions `logits_at` of each row: [B] gives
         [B, 1, V], [B, K] gives [B, K, V] (the head and its gradient skip every other position).
 
         `positions` [B, T] defaults to 0..T-1. `cache` (an engine cache) switches attention to the
         latent-cache decoding path. `mtp=True` also runs the MTP modules over the same hidden states.
         `doc_ids` [B, T] marks the documents packed in each row: attention never crosses them (pass
-        positions that restart at each document too). `attn_mask` [B, T, T] (bool, True where token i may
-        attend to token j) replaces the causal mask outright, e.g. a prefix tree's ancestors
-        (minir1/train/prefix_tree.py); `counted` [B, T] (bool) marks the real tokens: only they count in the
-        expert loads that steer the balancing bias (padding does not). `gather` (input_ids [1, N]: tokens that
-        several sequences share, stored once) runs attention over the sequences it lists (layers.RowGather).
+        positions that restart at each document too). `counted` [B, T] (bool) marks the real tokens: only they
+        count in the expert loads that steer the balancing bias (padding does not). `gather` (input_ids [1, N]:
+        tokens that several sequences share, stored once) runs attention over the sequences it lists
+        (layers.RowGather: GRPO's prefix trees, minir1/train/prefix_tree.py).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
-        mask = attn_mask[:, None] if attn_mask is not None else None if doc_ids is None else document_mask(doc_ids)
+        mask: Tensor | RowGather | None = None if doc_ids is None else document_mask(doc_ids)
         if gather is not None:
             if mtp:
                 raise ValueError("gather: MTP reads the sequences' next tokens, which a shared layout does not hold")

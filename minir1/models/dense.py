@@ -334,7 +334,7 @@ class DenseTransformer(CausalLM):
     def forward(self, input_ids: Tensor, *, positions: Tensor | None = None, cache: Any = None,
                 mtp: bool = False, return_dict: bool = False, logits_at: Tensor | None = None,
                 doc_ids: Tensor | None = None, counted: Tensor | None = None,
-                attn_mask: Tensor | None = None, gather: RowGather | None = None) -> Tensor | ModelOutput:
+                gather: RowGather | None = None) -> Tensor | ModelOutput:
         """As DeepSeek-V3's Transformer.forward (minir1/models/deepseek_v3.py); `mtp` and `counted` (for expert
         balancing) have nothing to act on here."""
         if input_ids.dim() != 2:
@@ -344,7 +344,7 @@ class DenseTransformer(CausalLM):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
-        mask = attn_mask[:, None] if attn_mask is not None else None if doc_ids is None else document_mask(doc_ids)
+        mask: Tensor | RowGather | None = None if doc_ids is None else document_mask(doc_ids)
         if gather is not None:
             mask = gather
         for layer in self.layers:
