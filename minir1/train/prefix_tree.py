@@ -57,7 +57,6 @@ class PrefixTries:
     lengths: list[int]          # completion tokens per row
     members: list[list[int]] = field(default_factory=list)   # the rows of each trie
     tokens: list[list[int]] = field(default_factory=list)    # each trie's node tokens, parents before children
-    parents: list[list[int]] = field(default_factory=list)   # each node's parent (-1: a root)
     depths: list[list[int]] = field(default_factory=list)
     paths: list[list[list[int]]] = field(default_factory=list)  # each member row's node at each of its positions
 
@@ -69,7 +68,6 @@ class PrefixTries:
         """One more trie, over the rows `group`."""
         children: dict[tuple[int, int], int] = {}
         tokens: list[int] = []
-        parents: list[int] = []
         depths: list[int] = []
         paths = []
         for r in group:
@@ -79,14 +77,12 @@ class PrefixTries:
                 if nxt is None:
                     nxt = children[(node, tok)] = len(tokens)
                     tokens.append(tok)
-                    parents.append(node)
                     depths.append(depth)
                 node = nxt
                 path.append(node)
             paths.append(path)
         self.members.append(list(group))
         self.tokens.append(tokens)
-        self.parents.append(parents)
         self.depths.append(depths)
         self.paths.append(paths)
 
