@@ -101,7 +101,7 @@ class PrefixTries:
         pick = np.zeros((n, C), dtype=np.int64)
         targets = np.zeros((n, C), dtype=np.int64)
         valid = np.zeros((n, C), dtype=bool)
-        slot: dict[int, int] = {}
+        predicting = np.zeros((n, C), dtype=np.int64)  # the node before each completion token
         for b, (members, paths) in enumerate(zip(self.members, self.paths)):
             for r, path in zip(members, paths):
                 x = local[r]
@@ -110,12 +110,15 @@ class PrefixTries:
                 index[x, len(nodes):] = nodes[-1]  # padding: read by no real position (causal)
                 unset = source[nodes] < 0
                 source[nodes[unset]] = x * L + np.flatnonzero(unset)
-                p = self.prompt_lens[r]
-                for c in range(self.lengths[r]):
-                    pick[x, c] = slot.setdefault(int(nodes[p - 1 + c]), len(slot))
-                    targets[x, c] = self.rows[r][p + c]
-                    valid[x, c] = True
-        at = np.asarray(list(slot) or [0], dtype=np.int64)
+                p, m = self.prompt_lens[r], self.lengths[r]
+                predicting[x, :m] = nodes[p - 1:p - 1 + m]
+                targets[x, :m] = self.rows[r][p:p + m]
+                valid[x, :m] = True
+        # the head runs once per distinct predicting node (a shared node serves every rollout through it)
+        at, slots = np.unique(predicting[valid], return_inverse=True)
+        pick[valid] = slots
+        if not len(at):
+            at = np.zeros(1, dtype=np.int64)
 
         def t(a: np.ndarray) -> Tensor:
             return torch.from_numpy(a).to(device)
