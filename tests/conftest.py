@@ -50,3 +50,37 @@ def tiny_tokenizer():
 @pytest.fixture
 def tmp_ckpt(tmp_path: Path) -> Path:
     return tmp_path / "ckpt"
+
+
+def one_call_equals_step_loop(engine: Any, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Engine.generate` decoding every row in one native call (DecodeBatch.finish) gives the step loop's
+    completions exactly (tokens, log-probabilities, text, finish reasons), and takes that call where it
+    applies and not where it does not (stop strings, truncated sampling)."""
+    from minir1.engine import SamplingParams
+    from minir1.engine.batch import DecodeBatch
+
+    finish, calls = DecodeBatch.finish, []
+
+    def spy(self: DecodeBatch) -> bool:
+        ran = finish(self)
+        calls.append(ran)
+        return ran
+
+    def run(params: SamplingParams, one_call: bool) -> list[tuple]:
+        monkeypatch.setattr(DecodeBatch, "finish", spy if one_call else lambda self: False)
+        return [(c.token_ids, c.logprobs, c.text, c.finish_reason) for c in engine.generate(prompts, params)]
+
+    stop = run(SamplingParams(max_new_tokens=6, temperature=0), False)[0][0][2]  # a token greedy decoding reaches
+    cases = [dict(temperature=0.0, stop_token_ids=[]), dict(temperature=1.0, n=3, seed=4),
+             dict(temperature=0.7, n=2, seed=1, stop_token_ids=[stop]), dict(temperature=1.3, max_new_tokens=1, seed=2),
+             dict(temperature=0.0, stop_token_ids=[stop])]
+    for case in cases:
+        params = {"max_new_tokens": 12, "logprobs": True, **case}
+        want = run(SamplingParams(**params), False)
+        calls.clear()
+        assert run(SamplingParams(**params), True) == want, case
+        assert calls == [True], case
+    assert want[0][3] == "stop" and len(want[0][0]) <= 3  # the last case: greedy stops on `stop`
+    calls.clear()
+    run(SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=0), True)
+    assert calls == [False]  # truncated sampling: the step loop

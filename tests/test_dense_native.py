@@ -109,3 +109,9 @@ def test_bad_input_is_refused_before_the_kernel_reads_memory():
         decoder.forward(kv, torch.tensor([[1]]), torch.tensor([[8]]))
     with pytest.raises(ValueError, match="the cache must be"):
         decoder.prefill(new_cache(m, 1, 8).kv.to(torch.bfloat16), [[1, 2]])
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen3-qk-norm-head-dim"])
+def test_generation_in_one_native_call_equals_the_step_loop(name, monkeypatch):
+    from conftest import one_call_equals_step_loop
+    one_call_equals_step_loop(Engine(model(name)), PROMPTS, monkeypatch)

@@ -213,3 +213,24 @@ def test_out_of_range_ids_or_positions_are_a_value_error_not_a_crash():
             with pytest.raises(ValueError, match="token ids must be in"):
                 engine.fused.forward(kv, torch.tensor(ids), torch.tensor(pos))
 
+
+
+def test_generation_in_one_native_call_equals_the_step_loop(monkeypatch):
+    from conftest import one_call_equals_step_loop
+    one_call_equals_step_loop(Engine(random_model(3)), [[5, 6, 7], [8, 9, 10, 11, 12], [3]], monkeypatch)
+
+
+def test_one_call_generation_refuses_bad_input():
+    model = random_model(2)
+    fused = Engine(model).fused
+    kv = torch.zeros(model.config.num_hidden_layers, 2, 8, fused.cache_width)
+    args = dict(stopped=[False, False], max_new=4, stop_ids=[], temperature=1.0, generator=None)
+    with torch.inference_mode():
+        tokens, _, lengths, _, steps = fused.generate(kv, [[1], [2]], positions=torch.tensor([3, 4]), **args)
+        assert lengths.tolist() == [4, 4] and steps == 3 and tokens[:, 0].tolist() == [1, 2]
+        for rows, pos, match in (([[1], [model.config.vocab_size]], [3, 4], "token id"),
+                                 ([[1], [2]], [3, 6], "exceed the cache"),         # positions 6..8 of 8 slots
+                                 ([[1], []], [3, 4], "at least one token"),
+                                 ([[1, 2, 3, 4, 5], [2]], [3, 4], "longer than max_new")):
+            with pytest.raises(ValueError, match=match):
+                fused.generate(kv, rows, positions=torch.tensor(pos), **args)

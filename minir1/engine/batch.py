@@ -24,7 +24,15 @@ from torch import Tensor
 
 from minir1.engine import speculative
 from minir1.engine.cache import LatentCache, new_cache
-from minir1.engine.sampling import Group, SamplingParams, categorical, process_logits, sample_groups, top_logprobs
+from minir1.engine.sampling import (
+    Group,
+    SamplingParams,
+    categorical,
+    process_logits,
+    sample_groups,
+    top_logprobs,
+    untruncated,
+)
 from minir1.models.base import ModelOutput
 
 
@@ -186,6 +194,38 @@ class DecodeBatch:
                 new_tokens, new_logps = [[t] for t in self._tokens.tolist()], [[x] for x in logps.tolist()]
         self.stats["steps"] += 1
         return self._emit(self.rows, new_tokens, new_logps, tops)
+
+    def finish(self) -> bool:
+        """Every row decoded to its end in one native call, where the batch allows it: the native decoder, one
+        group of rows sampling untruncated, no stop strings, top_logprobs, speculation or per-token text.
+        The tokens, log-probabilities and finish reasons are the step loop's; the rows then leave the batch.
+        The sampler's draws come from the rows' generator up front (minir1/engine/native/fused.py: generate),
+        so that generator must not serve later work. -> False, changing nothing, where it does not apply:
+        drive step/retire instead."""
+        if not self.rows or self.speculative or self.stream_text or len(self._groups) != 1 or self._want_top:
+            return False
+        group, rows = self._groups[0], self.rows
+        params = group.params
+        if (not self._fused_ok(self._cache) or not hasattr(self.fused, "generate") or not untruncated(params)
+                or params.stop or any(r.cancelled for r in rows)):
+            return False
+        with torch.inference_mode():
+            tokens, logps, lengths, stopped, steps = self.fused.generate(
+                self._cache.kv, [r.tokens for r in rows], [r.finish_reason == "stop" for r in rows], self._pos,
+                params.max_new_tokens, sorted(rows[0].stop_ids), params.temperature, group.generator)
+        generated = 0
+        for i, (row, n) in enumerate(zip(rows, lengths.tolist())):
+            before = len(row.tokens)
+            if n > before:
+                row.tokens += tokens[i, before:n].tolist()
+                row.logprobs += logps[i, before:n].tolist()
+                generated += n - before
+            if row.finish_reason is None:
+                row.finish_reason = "stop" if bool(stopped[i]) else "length"
+        self.stats["generated_tokens"] += generated
+        self.stats["steps"] += steps
+        self.retire()
+        return True
 
     def retire(self) -> list[Row]:
         """Finished and cancelled rows leave the batch (they stop costing compute) -> those rows."""

@@ -100,6 +100,8 @@ class Engine:
             events: Emitted = batch.add(prompts, params, params.generator(batch.device))
             yield batch, [row for row, _ in events]
             yield events
+            if not stream and batch.finish():  # the whole decode in one native call, where it applies
+                return
             while True:
                 batch.retire()
                 if not batch.rows:

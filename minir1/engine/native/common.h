@@ -268,4 +268,96 @@ inline void swiglu(float* h, int n, float w) {
     for (; i < n; i++) h[i] = h[i] / (1.0f + exp1(-h[i])) * h[n + i] * w;
 }
 
+// ---- sampling and whole generations ------------------------------------------------------------------------
+// Sampling from logits [B, ld] (first V columns) without truncation, as minir1.engine.sample does, with
+// each row's own temperature: 0 takes the argmax (first maximum); otherwise the inverse CDF of
+// softmax(logits / T) at u[b] · total, the first index whose running sum exceeds it, never a
+// zero-probability token. logp gets log softmax(logits / T) of the chosen token (T = 1 when greedy).
+inline void sample_rows(const float* logits, int B, int V, int ld, const float* temperature, const float* u,
+                        int64_t* tokens, float* logp) {
+    std::vector<float> p((size_t)V);
+    for (int b = 0; b < B; b++) {
+        const float* z = logits + (size_t)b * ld;
+        const float inv = temperature[b] > 0 ? 1.0f / temperature[b] : 1.0f;
+        float mx = -INFINITY;
+        int arg = 0;
+        for (int i = 0; i < V; i++)
+            if (z[i] > mx) { mx = z[i]; arg = i; }
+        const float mxs = mx * inv;
+        std::memcpy(p.data(), z, sizeof(float) * V);
+        const double sum = exp_sum(p.data(), V, inv, mxs);
+        const float lse = mxs + (float)std::log(sum);
+        int pick = arg;
+        if (temperature[b] > 0) {
+            const double target = (double)u[b] * sum;
+            double cum = 0;
+            int last = 0;
+            pick = -1;
+            for (int i = 0; i < V; i++) {
+                cum += p[i];
+                if (p[i] > 0) last = i;
+                if (pick < 0 && cum > target) pick = i;
+            }
+            if (pick < 0 || pick > last) pick = last;
+        }
+        tokens[b] = pick;
+        logp[b] = z[pick] * inv - lse;
+    }
+}
+
+// Rows decoded to their ends: what minir1.engine.DecodeBatch's step/retire loop does for one group of rows
+// (one temperature, untruncated sampling, stop tokens, no stop strings), without a return to Python per
+// token. Row b's tokens so far are out_tokens[b, :lengths[b]] (at least the prefill's one), its last
+// token sits at position pos0[b]; stopped[b] = 1 if it already ended on a stop token. A row runs while it
+// has neither stopped nor reached max_new tokens; each step every running row, in batch order, takes the
+// next uniform of u (none when greedy), the draws DecodeBatch's sampler would take from the generator.
+// step(n, tokens, positions, cache_rows, logits) is one decode step of n rows into logits [n, ldl]; a
+// finished row keeps its cache row, which no later step touches (no compaction). Out: the rows' tokens,
+// log-probabilities (out_logp [B, max_new]), lengths and stopped. Returns the number of decode steps, or
+// -1 if u runs out (the caller sizes it for the worst case).
+template <typename Step>
+int generate_rows(Step&& step, int B, int V, int ldl, int max_new, const int64_t* pos0, const int64_t* stop,
+                  int n_stop, float temperature, const float* u, int64_t n_u, int64_t* out_tokens, float* out_logp,
+                  int32_t* lengths, int32_t* stopped, float* logits) {
+    std::vector<int64_t> act, tok, pos, new_tok((size_t)B);
+    std::vector<float> temps((size_t)B, temperature), draws((size_t)B, 0.f), new_logp((size_t)B);
+    for (int b = 0; b < B; b++)
+        if (!stopped[b] && lengths[b] < max_new) {
+            act.push_back(b);
+            tok.push_back(out_tokens[(int64_t)b * max_new + lengths[b] - 1]);
+            pos.push_back(pos0[b]);
+        }
+    int64_t next_u = 0;
+    int steps = 0;
+    while (!act.empty()) {
+        const int n = (int)act.size();
+        step(n, tok.data(), pos.data(), act.data(), logits);
+        if (temperature > 0) {
+            if (next_u + n > n_u) return -1;
+            for (int i = 0; i < n; i++) draws[i] = u[next_u++];
+        }
+        sample_rows(logits, n, V, ldl, temps.data(), draws.data(), new_tok.data(), new_logp.data());
+        steps++;
+        int kept = 0;
+        for (int i = 0; i < n; i++) {
+            const int64_t b = act[i], t = new_tok[i];
+            out_tokens[b * max_new + lengths[b]] = t;
+            out_logp[b * max_new + lengths[b]] = new_logp[i];
+            lengths[b]++;
+            bool is_stop = false;
+            for (int s = 0; s < n_stop; s++) is_stop |= stop[s] == t;
+            if (is_stop) stopped[b] = 1;
+            if (is_stop || lengths[b] >= max_new) continue;
+            act[kept] = b;
+            tok[kept] = t;
+            pos[kept] = pos[i] + 1;
+            kept++;
+        }
+        act.resize(kept);
+        tok.resize(kept);
+        pos.resize(kept);
+    }
+    return steps;
+}
+
 }  // namespace minir1

@@ -254,42 +254,28 @@ int minir1_decode_step(const Dims* d, const Layer* layers, int n_layers, int lay
     return 0;
 }
 
-// Sampling from logits [B, ld] (first V columns) without truncation, as minir1.engine.sample does, with
-// each row's own temperature: 0 takes the argmax (first maximum); otherwise the inverse CDF of
-// softmax(logits / T) at u[b] · total, the first index whose running sum exceeds it, never a
-// zero-probability token. logp gets log softmax(logits / T) of the chosen token (T = 1 when greedy).
-// Returns 0.
+// Sampling from logits [B, ld] without truncation, as minir1.engine.sample does (common.h: sample_rows).
 int minir1_sample(const float* logits, int B, int V, int ld, const float* temperature, const float* u,
                   int64_t* tokens, float* logp) {
-    std::vector<float> p((size_t)V);
-    for (int b = 0; b < B; b++) {
-        const float* z = logits + (size_t)b * ld;
-        const float inv = temperature[b] > 0 ? 1.0f / temperature[b] : 1.0f;
-        float mx = -INFINITY;
-        int arg = 0;
-        for (int i = 0; i < V; i++)
-            if (z[i] > mx) { mx = z[i]; arg = i; }
-        const float mxs = mx * inv;
-        std::memcpy(p.data(), z, sizeof(float) * V);
-        const double sum = exp_sum(p.data(), V, inv, mxs);
-        const float lse = mxs + (float)std::log(sum);
-        int pick = arg;
-        if (temperature[b] > 0) {
-            const double target = (double)u[b] * sum;
-            double cum = 0;
-            int last = 0;
-            pick = -1;
-            for (int i = 0; i < V; i++) {
-                cum += p[i];
-                if (p[i] > 0) last = i;
-                if (pick < 0 && cum > target) pick = i;
-            }
-            if (pick < 0 || pick > last) pick = last;
-        }
-        tokens[b] = pick;
-        logp[b] = z[pick] * inv - lse;
-    }
+    sample_rows(logits, B, V, ld, temperature, u, tokens, logp);
     return 0;
+}
+
+// Every row of a batch decoded to its end in one call (common.h: generate_rows, which says what the
+// arguments mean): the decode steps, the sampling and the stop checks with no return to Python in
+// between. The model arguments are minir1_decode_step's; loads [n_loads] gets the last step's expert loads.
+int minir1_generate(const Dims* d, const Layer* layers, int n_layers, const float* embed, const float* final_norm,
+                    const float* lm_head, float* cache, int64_t cache_rows, int64_t S, int32_t* loads, int n_loads,
+                    int threads, int B, int max_new, const int64_t* pos0, const int64_t* stop, int n_stop,
+                    float temperature, const float* u, int64_t n_u, int64_t* out_tokens, float* out_logp,
+                    int32_t* lengths, int32_t* stopped, float* logits) {
+    auto step = [&](int n, const int64_t* tok, const int64_t* pos, const int64_t* rows, float* out) {
+        if (loads) std::memset(loads, 0, sizeof(int32_t) * (size_t)n_loads);
+        minir1_decode_step(d, layers, n_layers, 0, embed, nullptr, final_norm, lm_head, n, tok, pos, rows, cache,
+                           cache_rows, S, nullptr, n, out, nullptr, loads, threads);
+    };
+    return generate_rows(step, B, d->V, pad16(d->V), max_new, pos0, stop, n_stop, temperature, u, n_u, out_tokens,
+                         out_logp, lengths, stopped, logits);
 }
 
 // Packs `batch` weights W [N, K] (y = x W^T) into panels [ceil(N/16)][K][16], zero-padded (the layout

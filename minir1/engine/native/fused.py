@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -262,6 +263,64 @@ class FusedDecoder:
         logits, _ = self._run(kv, next_ids.reshape(-1), positions.reshape(-1), rows, None,
                               x_in=h.reshape(B * T, -1), mtp=True)
         return logits.view(B, T, -1)
+
+    def generate(self, kv: Tensor, tokens: Sequence[Sequence[int]], stopped: Sequence[bool], positions: Tensor,
+                 max_new: int, stop_ids: Sequence[int], temperature: float,
+                 generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """Rows 0..B-1 of the cache decoded to their ends in one native call (common.h: generate_rows), as
+        DecodeBatch's step/retire loop does for one group of rows with untruncated sampling: row b has
+        generated tokens[b] (at least one; its last sits at positions[b], not yet in the cache), stopped[b]
+        if it ended on one of stop_ids; it runs until a stop token or max_new tokens. The sampler's uniforms
+        are drawn from `generator` up front, in the order the loop would draw them, and as many as the
+        longest run could need (so the generator ends further on than the loop would leave it).
+        -> (tokens [B, max_new], their log-probabilities, lengths [B], stopped [B], decode steps)."""
+        if self.weights.signature is None:
+            self.weights.pack()
+        cfg, B = self.model.config, len(tokens)
+        S = kv.shape[2] if kv.dim() == 4 else 0
+        lengths = torch.tensor([len(t) for t in tokens], dtype=torch.int32)
+        positions = positions.to(torch.long).contiguous()
+        if not self.supports(kv) or not 0 < B <= kv.shape[1] or positions.shape != (B,) or int(lengths.min()) < 1:
+            raise ValueError(f"{self.name}: generate needs 1..{kv.shape[1]} rows with at least one token each, one "
+                             f"position per row, and a contiguous fp32 CPU cache [layers, rows, S, {self.cache_width}]")
+        if int(lengths.max()) > max_new or any(not 0 <= t < cfg.vocab_size for row in tokens for t in row):
+            raise ValueError(f"{self.name}: generate got a row longer than max_new ({max_new}) or a token id "
+                             f"outside [0, {cfg.vocab_size})")
+        if int(positions.min()) < 0 or int((positions + max_new - lengths).max()) > S:
+            raise ValueError(f"{self.name}: the rows' positions plus the tokens still to generate exceed the "
+                             f"cache's length {S}")
+        out_tokens = torch.zeros(B, max_new, dtype=torch.long)
+        out_logp = torch.zeros(B, max_new)
+        for b, row in enumerate(tokens):
+            out_tokens[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+        stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+        done = torch.tensor([bool(x) for x in stopped], dtype=torch.int32)
+        need = int(((max_new - lengths) * (1 - done)).clamp_min(0).sum()) if temperature > 0 else 0
+        u = torch.rand(need, generator=generator) if need else torch.zeros(1)
+        logits = torch.empty(B, -(-cfg.vocab_size // 16) * 16)
+        steps = self._generate(kv, B, max_new, positions, stop, float(temperature), u, need, out_tokens, out_logp,
+                               lengths, done, logits)
+        if steps < 0:
+            raise RuntimeError(f"{self.name}: generate ran out of uniforms (a bug: they are sized for the worst case)")
+        return out_tokens, out_logp, lengths, done.bool(), steps
+
+    def _generate(self, kv: Tensor, B: int, max_new: int, positions: Tensor, stop: Tensor, temperature: float,
+                  u: Tensor, n_u: int, out_tokens: Tensor, out_logp: Tensor, lengths: Tensor, done: Tensor,
+                  logits: Tensor) -> int:
+        cfg, w = self.model.config, self.weights
+        fn = self.lib.minir1_generate
+        fn.restype = ctypes.c_int
+        loads = torch.zeros(len(self._moe), cfg.n_routed_experts, dtype=torch.int32)
+        steps = fn(ctypes.byref(w.dims), w.layers, cfg.num_hidden_layers, _P(w.embed), _P(w.final_norm),
+                   _P(w.lm_head), _P(kv.data_ptr()), ctypes.c_int64(kv.shape[1]), ctypes.c_int64(kv.shape[2]),
+                   _P(loads.data_ptr()), loads.numel(), self.threads or torch.get_num_threads(), B, max_new,
+                   _P(positions.data_ptr()), _P(stop.data_ptr()), len(stop), ctypes.c_float(temperature),
+                   _P(u.data_ptr()), ctypes.c_int64(n_u), _P(out_tokens.data_ptr()), _P(out_logp.data_ptr()),
+                   _P(lengths.data_ptr()), _P(done.data_ptr()), _P(logits.data_ptr()))
+        if steps > 0:
+            for m, load in zip(self._moe, loads):
+                m.last_load.copy_(load)
+        return steps
 
     def _run(self, kv: Tensor, tokens: Tensor, positions: Tensor, rows: Tensor | None, logit_index: Tensor | None,
              x_in: Tensor | None = None, mtp: bool = False, want_hidden: bool = False) -> tuple[Tensor, Tensor | None]:
