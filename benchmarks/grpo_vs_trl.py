@@ -33,7 +33,7 @@ from minir1 import Transformer
 from minir1.checkpoint import load_model
 from minir1.models.hf.deepseek_v3 import config_from_hf
 from minir1.prompting import build_prompt
-from minir1.rewards import accuracy_reward, format_reward
+from minir1.rewards import accuracy_reward, format_reward, warm_up_verifier
 from minir1.tasks import get_task
 from minir1.tokenizer import Tokenizer
 from minir1.train import TrainConfig, train
@@ -124,6 +124,7 @@ def trl_steps(ckpt: Path, steps: int, out: Path, loss: str = "dapo", task_spec: 
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(ckpt), reward_funcs=reward_fn, args=cfg,
                           train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(ckpt),
                           callbacks=[clock])
+    warm_up_verifier()  # as GRPOStage does before its first step: the same reward, the same one-off import
     trainer.train()
     return clock.times[1:], clock.tokens[1:]
 

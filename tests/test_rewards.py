@@ -133,3 +133,12 @@ def test_countdown_checker_parses_and_never_evals():
     assert not task.check("62 * 65 / 0 + 20", answer)
     for p in task.take(20):
         assert task.check(p.answer, p.answer)
+
+
+def test_latex_verdicts_are_cached_and_the_verifier_warms_up_before_a_run():
+    from minir1 import rewards
+    rewards.warm_up_verifier()  # imports math-verify and sympy: later comparisons take milliseconds
+    before = rewards._math_verify_equal.cache_info().hits
+    assert rewards.answers_match("\\frac{1}{4}", "0.25") and rewards.answers_match("\\frac{1}{4}", "0.25")
+    assert not rewards.answers_match("\\frac{1}{3}", "0.25")
+    assert rewards._math_verify_equal.cache_info().hits == before + 1  # the repeated answer was not parsed again

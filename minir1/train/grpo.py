@@ -30,7 +30,7 @@ from torch import Tensor
 from minir1.engine import Completion, Engine, SamplingParams
 from minir1.models.base import CausalLM
 from minir1.prompting import build_prompt
-from minir1.rewards import TimeBudget, accuracy_reward, format_reward, safe_reward, time_budget
+from minir1.rewards import TimeBudget, accuracy_reward, format_reward, safe_reward, time_budget, warm_up_verifier
 from minir1.tasks import Problem, Task
 from minir1.tokenizer import Tokenizer
 from minir1.train import distributed
@@ -301,6 +301,8 @@ class GRPOStage:
             "accuracy": lambda response, answer, task: accuracy_reward(response, answer, task),
         }
         self.weights = {"format": cfg.format_weight, "accuracy": cfg.accuracy_weight}
+        if reward_fns is None:
+            warm_up_verifier()  # the first LaTeX answer would otherwise stall a step by 0.1-0.5 s
         self.ref_model = ref_model
         self._rollouts: Rollouts | None = None
         self._engine: Engine | None = None
