@@ -140,18 +140,13 @@ class DenseDecoder(FusedDecoder):
     def mtp(self, kv: Tensor, hidden: Tensor, next_ids: Tensor, positions: Tensor) -> Tensor:
         raise ValueError("dense decode step: dense models have no MTP module")
 
-    def _generate(self, kv: Tensor, B: int, max_new: int, positions: Tensor, stop: Tensor, temperature: float,
-                  u: Tensor, n_u: int, out_tokens: Tensor, out_logp: Tensor, lengths: Tensor, done: Tensor,
-                  logits: Tensor) -> int:
+    def _generate(self, kv: Tensor, rows_args: tuple) -> int:
         cfg, w = self.model.config, self.weights
         fn = self.lib.minir1_dense_generate
         fn.restype = ctypes.c_int
         return fn(ctypes.byref(w.dims), w.layers, cfg.num_hidden_layers, _P(w.embed), _P(w.final_norm),
                   _P(w.lm_head), _P(kv.data_ptr()), ctypes.c_int64(kv.shape[1]), ctypes.c_int64(kv.shape[2]),
-                  self.threads or torch.get_num_threads(), B, max_new, _P(positions.data_ptr()),
-                  _P(stop.data_ptr()), len(stop), ctypes.c_float(temperature), _P(u.data_ptr()), ctypes.c_int64(n_u),
-                  _P(out_tokens.data_ptr()), _P(out_logp.data_ptr()), _P(lengths.data_ptr()), _P(done.data_ptr()),
-                  _P(logits.data_ptr()))
+                  self.threads or torch.get_num_threads(), *rows_args)
 
     def _run(self, kv: Tensor, tokens: Tensor, positions: Tensor, rows: Tensor | None, logit_index: Tensor | None,
              x_in: Tensor | None = None, mtp: bool = False, want_hidden: bool = False) -> tuple[Tensor, Tensor | None]:

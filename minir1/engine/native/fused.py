@@ -298,25 +298,23 @@ class FusedDecoder:
         need = int(((max_new - lengths) * (1 - done)).clamp_min(0).sum()) if temperature > 0 else 0
         u = torch.rand(need, generator=generator) if need else torch.zeros(1)
         logits = torch.empty(B, -(-cfg.vocab_size // 16) * 16)
-        steps = self._generate(kv, B, max_new, positions, stop, float(temperature), u, need, out_tokens, out_logp,
-                               lengths, done, logits)
+        # generate_rows' arguments, after the model's (common.h)
+        rows_args = (B, max_new, _P(positions.data_ptr()), _P(stop.data_ptr()), len(stop),
+                     ctypes.c_float(temperature), _P(u.data_ptr()), ctypes.c_int64(need), _P(out_tokens.data_ptr()),
+                     _P(out_logp.data_ptr()), _P(lengths.data_ptr()), _P(done.data_ptr()), _P(logits.data_ptr()))
+        steps = self._generate(kv, rows_args)
         if steps < 0:
             raise RuntimeError(f"{self.name}: generate ran out of uniforms (a bug: they are sized for the worst case)")
         return out_tokens, out_logp, lengths, done.bool(), steps
 
-    def _generate(self, kv: Tensor, B: int, max_new: int, positions: Tensor, stop: Tensor, temperature: float,
-                  u: Tensor, n_u: int, out_tokens: Tensor, out_logp: Tensor, lengths: Tensor, done: Tensor,
-                  logits: Tensor) -> int:
+    def _generate(self, kv: Tensor, rows_args: tuple) -> int:
         cfg, w = self.model.config, self.weights
         fn = self.lib.minir1_generate
         fn.restype = ctypes.c_int
         loads = torch.zeros(len(self._moe), cfg.n_routed_experts, dtype=torch.int32)
         steps = fn(ctypes.byref(w.dims), w.layers, cfg.num_hidden_layers, _P(w.embed), _P(w.final_norm),
                    _P(w.lm_head), _P(kv.data_ptr()), ctypes.c_int64(kv.shape[1]), ctypes.c_int64(kv.shape[2]),
-                   _P(loads.data_ptr()), loads.numel(), self.threads or torch.get_num_threads(), B, max_new,
-                   _P(positions.data_ptr()), _P(stop.data_ptr()), len(stop), ctypes.c_float(temperature),
-                   _P(u.data_ptr()), ctypes.c_int64(n_u), _P(out_tokens.data_ptr()), _P(out_logp.data_ptr()),
-                   _P(lengths.data_ptr()), _P(done.data_ptr()), _P(logits.data_ptr()))
+                   _P(loads.data_ptr()), loads.numel(), self.threads or torch.get_num_threads(), *rows_args)
         if steps > 0:
             for m, load in zip(self._moe, loads):
                 m.last_load.copy_(load)
