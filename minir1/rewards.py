@@ -153,7 +153,9 @@ def _latex_equal(response: str, answer: str, timeout_s: int = 2) -> bool:
 def warm_up_verifier() -> None:
     """Import math-verify (and the sympy it parses with) and compare once, so that the first LaTeX answer of a
     run does not stall its step: the first comparison of each kind (LaTeX, a plain power, a symbol) costs
-    0.1-0.5 s, later ones 1-40 ms."""
+    0.1-0.5 s, later ones 1-40 ms. (Only in the main thread, the one `_latex_equal` compares in.)"""
+    if threading.current_thread() is not threading.main_thread():
+        return
     for expression in ("\\frac{1}{2}", "1^2", "x^2 + 1"):
         _math_verify_equal(expression, "0.5", 2)
 

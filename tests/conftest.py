@@ -53,12 +53,14 @@ def tmp_ckpt(tmp_path: Path) -> Path:
 
 
 def one_call_equals_step_loop(engine: Any, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
-    """`Engine.generate` decoding every row in one native call (DecodeBatch.finish) gives the step loop's
-    completions exactly (tokens, log-probabilities, text, finish reasons), and takes that call where it
-    applies and not where it does not (stop strings, truncated sampling)."""
+    """`Engine.generate` decoding every row in native calls (DecodeBatch.finish; here in chunks of 5 steps)
+    gives the step loop's completions exactly (tokens, log-probabilities, text, finish reasons), and takes
+    that path where it applies and not where it does not (truncated sampling)."""
     from minir1.engine import SamplingParams
     from minir1.engine.batch import DecodeBatch
+    from minir1.engine.native import fused
 
+    monkeypatch.setattr(fused, "GENERATE_CHUNK_STEPS", 5)  # 12 new tokens: calls of 5, 5 and 1 steps, resumed
     finish, calls = DecodeBatch.finish, []
 
     def spy(self: DecodeBatch) -> bool:

@@ -206,8 +206,8 @@ class DecodeBatch:
             return False
         group, rows = self._groups[0], self.rows
         params = group.params
-        if (not self._fused_ok(self._cache) or not hasattr(self.fused, "generate") or not untruncated(params)
-                or params.stop or any(r.cancelled for r in rows)):
+        if (not self._fused_ok(self._cache) or not untruncated(params) or params.stop
+                or any(r.cancelled for r in rows)):
             return False
         with torch.inference_mode():
             tokens, logps, lengths, stopped, steps = self.fused.generate(

@@ -321,12 +321,14 @@ inline void sample_rows(const float* logits, int B, int V, int ld, const float* 
 // next uniform of u (none when greedy), the draws DecodeBatch's sampler would take from the generator.
 // step(n, tokens, positions, cache_rows, logits) is one decode step of n rows into logits [n, ldl]; a
 // finished row keeps its cache row, which no later step touches (no compaction). Out: the rows' tokens,
-// log-probabilities (out_logp [B, max_new]), lengths and stopped. Returns the number of decode steps, or
-// -1 if u runs out (the caller sizes it for the worst case).
+// log-probabilities (out_logp [B, max_new]), lengths and stopped. At most max_steps steps: the caller resumes
+// with each row's position advanced by the tokens it gained and u advanced by all the tokens gained (one
+// draw each), so that a long generation returns to Python, where Ctrl-C is seen, every so often. Returns the
+// number of decode steps, or -1 if u runs out (the caller sizes it for the worst case).
 template <typename Step>
 int generate_rows(Step&& step, int B, int V, int ldl, int max_new, const int64_t* pos0, const int64_t* stop,
                   int n_stop, float temperature, const float* u, int64_t n_u, int64_t* out_tokens, float* out_logp,
-                  int32_t* lengths, int32_t* stopped, float* logits) {
+                  int32_t* lengths, int32_t* stopped, float* logits, int max_steps) {
     std::vector<int64_t> act, tok, pos, new_tok((size_t)B);
     std::vector<float> temps((size_t)B, temperature), draws((size_t)B, 0.f), new_logp((size_t)B);
     for (int b = 0; b < B; b++)
@@ -337,7 +339,7 @@ int generate_rows(Step&& step, int B, int V, int ldl, int max_new, const int64_t
         }
     int64_t next_u = 0;
     int steps = 0;
-    while (!act.empty()) {
+    while (!act.empty() && steps < max_steps) {
         const int n = (int)act.size();
         step(n, tok.data(), pos.data(), act.data(), logits);
         if (temperature > 0) {

@@ -268,14 +268,15 @@ int minir1_generate(const Dims* d, const Layer* layers, int n_layers, const floa
                     const float* lm_head, float* cache, int64_t cache_rows, int64_t S, int32_t* loads, int n_loads,
                     int threads, int B, int max_new, const int64_t* pos0, const int64_t* stop, int n_stop,
                     float temperature, const float* u, int64_t n_u, int64_t* out_tokens, float* out_logp,
-                    int32_t* lengths, int32_t* stopped, float* logits) {
+                    int32_t* lengths, int32_t* stopped, float* logits,
+                    int max_steps) {
     auto step = [&](int n, const int64_t* tok, const int64_t* pos, const int64_t* rows, float* out) {
         if (loads) std::memset(loads, 0, sizeof(int32_t) * (size_t)n_loads);
         minir1_decode_step(d, layers, n_layers, 0, embed, nullptr, final_norm, lm_head, n, tok, pos, rows, cache,
                            cache_rows, S, nullptr, n, out, nullptr, loads, threads);
     };
     return generate_rows(step, B, d->V, pad16(d->V), max_new, pos0, stop, n_stop, temperature, u, n_u, out_tokens,
-                         out_logp, lengths, stopped, logits);
+                         out_logp, lengths, stopped, logits, max_steps);
 }
 
 // Packs `batch` weights W [N, K] (y = x W^T) into panels [ceil(N/16)][K][16], zero-padded (the layout

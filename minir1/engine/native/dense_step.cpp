@@ -200,13 +200,14 @@ int minir1_dense_generate(const DenseDims* d, const DenseLayer* layers, int n_la
                           const float* final_norm, const void* lm_head, float* cache, int64_t cache_rows, int64_t S,
                           int threads, int B, int max_new, const int64_t* pos0, const int64_t* stop, int n_stop,
                           float temperature, const float* u, int64_t n_u, int64_t* out_tokens, float* out_logp,
-                          int32_t* lengths, int32_t* stopped, float* logits) {
+                          int32_t* lengths, int32_t* stopped, float* logits,
+                          int max_steps) {
     auto step = [&](int n, const int64_t* tok, const int64_t* pos, const int64_t* rows, float* out) {
         minir1_dense_step(d, layers, n_layers, embed, final_norm, lm_head, n, tok, pos, rows, cache, cache_rows, S,
                           nullptr, n, out, nullptr, threads);
     };
     return generate_rows(step, B, d->V, pad16(d->V), max_new, pos0, stop, n_stop, temperature, u, n_u, out_tokens,
-                         out_logp, lengths, stopped, logits);
+                         out_logp, lengths, stopped, logits, max_steps);
 }
 
 // Packs `batch` weights W [N, K] (y = x W^T) into panels [ceil(N/16)][K][16], zero-padded: fp32 (bf16 = 0)

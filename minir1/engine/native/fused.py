@@ -31,6 +31,10 @@ from minir1.models.deepseek_v3 import MLP, Block, ModelOutput, MoE, Transformer
 _P = ctypes.c_void_p
 log = logging.getLogger(__name__)
 
+# Decode steps per native call of FusedDecoder.generate: a long generation returns to Python between them
+# (where Ctrl-C is seen) at a cost of ~0.1 ms each.
+GENERATE_CHUNK_STEPS = 64
+
 
 class _Dims(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int32) for n in ("D", "H", "C", "R", "q_rank", "V", "E", "top_k", "n_group",
@@ -298,14 +302,23 @@ class FusedDecoder:
         need = int(((max_new - lengths) * (1 - done)).clamp_min(0).sum()) if temperature > 0 else 0
         u = torch.rand(need, generator=generator) if need else torch.zeros(1)
         logits = torch.empty(B, -(-cfg.vocab_size // 16) * 16)
-        # generate_rows' arguments, after the model's (common.h)
-        rows_args = (B, max_new, _P(positions.data_ptr()), _P(stop.data_ptr()), len(stop),
-                     ctypes.c_float(temperature), _P(u.data_ptr()), ctypes.c_int64(need), _P(out_tokens.data_ptr()),
-                     _P(out_logp.data_ptr()), _P(lengths.data_ptr()), _P(done.data_ptr()), _P(logits.data_ptr()))
-        steps = self._generate(kv, rows_args)
-        if steps < 0:
-            raise RuntimeError(f"{self.name}: generate ran out of uniforms (a bug: they are sized for the worst case)")
-        return out_tokens, out_logp, lengths, done.bool(), steps
+        start, steps = lengths.clone(), 0
+        while True:  # in chunks of GENERATE_CHUNK_STEPS steps, so that Ctrl-C is seen between them
+            gained = lengths - start
+            drawn = int(gained.sum()) if need else 0  # one uniform per token gained
+            now = (positions + gained).contiguous()
+            # generate_rows' arguments, after the model's (common.h)
+            rows_args = (B, max_new, _P(now.data_ptr()), _P(stop.data_ptr()), len(stop), ctypes.c_float(temperature),
+                         _P(u[drawn:].data_ptr()), ctypes.c_int64(need - drawn), _P(out_tokens.data_ptr()),
+                         _P(out_logp.data_ptr()), _P(lengths.data_ptr()), _P(done.data_ptr()),
+                         _P(logits.data_ptr()), GENERATE_CHUNK_STEPS)
+            chunk = self._generate(kv, rows_args)
+            if chunk < 0:
+                raise RuntimeError(f"{self.name}: generate ran out of uniforms (a bug: they are sized for the worst "
+                                   "case)")
+            steps += chunk
+            if chunk < GENERATE_CHUNK_STEPS:
+                return out_tokens, out_logp, lengths, done.bool(), steps
 
     def _generate(self, kv: Tensor, rows_args: tuple) -> int:
         cfg, w = self.model.config, self.weights
