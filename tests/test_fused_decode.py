@@ -35,6 +35,45 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("shape", [(1, 7, 37), (1, 64, 48), (3, 33, 50), (2, 16, 16), (1, 100, 250)])
+def test_packed_panels_are_the_weight_transposed_in_16_column_blocks(shape):
+    """W [..., N, K] -> [..., ceil(N/16), K, 16] with zero columns past N: the decode kernels' layout, by its
+    definition, for shapes that exercise the 16 x 16 register blocks and the element-by-element tails."""
+    import ctypes
+
+    from minir1.engine.native.fused import pack
+    *batch, N, K = shape
+    w = torch.randn(shape)
+    nb = -(-N // 16)
+
+    def expected(x: torch.Tensor) -> torch.Tensor:
+        padded = torch.cat((x, x.new_zeros(*x.shape[:-2], nb * 16 - N, K)), dim=-2)
+        return padded.view(*x.shape[:-2], nb, 16, K).transpose(-1, -2)
+
+    assert torch.equal(pack(w), expected(w))
+    assert torch.equal(pack(w[0]), expected(w[0]))
+    dense = load("dense_step")
+    for x in (w.contiguous(), w.bfloat16().contiguous()):  # the dense kernel's own copy, fp32 and bf16
+        out = torch.full((*batch, nb, K, 16), 7.0, dtype=x.dtype)
+        dense.minir1_dense_pack(ctypes.c_void_p(x.data_ptr()), int(x.dtype == torch.bfloat16),
+                                ctypes.c_int64(batch[0]), N, K, ctypes.c_void_p(out.data_ptr()), 2)
+        assert torch.equal(out, expected(x))
+
+
+@pytest.mark.parametrize("name", ["default", "no_q_lora", "odd_sizes"])
+def test_absorbed_projections_match_the_float64_reference(name):
+    """The kernel's weight absorption (W_UK into the queries with the softmax scale, W_UV into o_proj) against
+    the same products in PyTorch float64: equal to the last bit of the fp32 result, give or take one unit."""
+    from minir1.engine.native.fused import absorb, absorb_reference
+    model = random_model(**CONFIGS[name])
+    for block in model.layers:
+        got_ref = zip(absorb(block.self_attn, model.rotary.softmax_scale),
+                      absorb_reference(block.self_attn, model.rotary.softmax_scale))
+        for got, ref in got_ref:
+            assert got.shape == ref.shape
+            assert bool(((got - ref).abs() <= ref.abs() * 2.0 ** -23).all())
+
+
 def random_model(seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(**overrides)).eval()

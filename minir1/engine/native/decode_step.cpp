@@ -64,170 +64,186 @@ int minir1_decode_step(const Dims* d, const Layer* layers, int n_layers, int lay
                        const int64_t* pos, const int64_t* rows, float* cache, int64_t cache_rows, int64_t S,
                        const int64_t* logit_index, int n_logits, float* logits, float* hidden_out, int32_t* loads,
                        int threads) {
-    const int D = d->D, H = d->H, C = d->C, R = d->R, CR = C + R, E = d->E;
-    // RotaryEmbedding.forward: angle = position · inv_freq in fp32, scaled by YaRN's attention factor.
-    std::vector<float> cos((size_t)B * (R / 2)), sin((size_t)B * (R / 2));
-    for (int b = 0; b < B; b++)
-        for (int i = 0; i < R / 2; i++) {
-            const float angle = (float)pos[b] * d->inv_freq[i];
-            cos[(size_t)b * (R / 2) + i] = std::cos(angle) * d->attention_factor;
-            sin[(size_t)b * (R / 2) + i] = std::sin(angle) * d->attention_factor;
-        }
+    const int D = d->D, H = d->H, C = d->C, R = d->R, CR = C + R, E = d->E, K = d->top_k;
     const int Dp = pad16(D), NQ = d->q_rank > 0 ? d->q_rank : H * CR, Na = pad16(NQ + CR);
-    const int Nq = pad16(H * CR), HC = H * C, HCp = pad16(HC);
+    const int Nq = pad16(H * CR), HC = H * C, HCp = pad16(HC), Ep = pad16(E > 0 ? E : 1);
     int maxI = 0, Ie = 0;
     for (int l = 0; l < n_layers; l++) {
         maxI = layers[l].I > maxI ? layers[l].I : maxI;
         Ie = layers[l].Ie > Ie ? layers[l].Ie : Ie;
     }
-    const int Iw = pad16(2 * (maxI > Ie ? maxI : Ie));
+    const int Iw = pad16(2 * (maxI > Ie ? maxI : Ie)), ldhe = pad16(2 * Ie);
+    std::vector<float> cos((size_t)B * (R / 2)), sin((size_t)B * (R / 2));
     std::vector<float> x((size_t)B * Dp, 0.f), xn((size_t)B * Dp, 0.f), a((size_t)B * Na), q((size_t)B * Nq),
-        o((size_t)B * HCp, 0.f), h((size_t)B * Iw), rs((size_t)B * pad16(E > 0 ? E : 1));
-    std::vector<int> eid((size_t)B * (d->top_k > 0 ? d->top_k : 1));
-    std::vector<float> ew(eid.size());
+        o((size_t)B * HCp, 0.f), h((size_t)B * Iw), rs((size_t)B * Ep);
+    std::vector<int> eid((size_t)B * (K > 0 ? K : 1)), start(E + 1, 0), order(eid.size()), where(eid.size());
+    std::vector<float> ew(eid.size()), y(E > 0 ? eid.size() * Dp : 0);
     const int64_t row_stride = S * CR, layer_stride = cache_rows * row_stride;
+    float* qsrc = d->q_rank > 0 ? q.data() : a.data();  // per head [latent query (C) | rope query (R)]
+    const int ldq = d->q_rank > 0 ? Nq : Na;
+    const int M = logit_index ? n_logits : B;
 
-    for (int b = 0; b < B; b++)
-        std::memcpy(&x[(size_t)b * Dp], x_in ? x_in + (size_t)b * D : embed + tokens[b] * D, sizeof(float) * D);
-
-    int moe_index = 0;
-    for (int l = 0; l < n_layers; l++) {
-        const Layer& ly = layers[l];
-        float* kv = cache + (layer_offset + l) * layer_stride;
-        // ---- attention (DeepSeek-V2 §2.1, decoding with absorbed up-projections) -------------------------
-        for (int b = 0; b < B; b++) rmsnorm(&x[(size_t)b * Dp], ly.in_norm, &xn[(size_t)b * Dp], D, d->eps);
-        gemm(B, NQ + CR, D, xn.data(), Dp, ly.w_a, a.data(), Na, false, threads);
-        if (d->q_rank > 0) {
-            for (int b = 0; b < B; b++) rmsnorm(&a[(size_t)b * Na], ly.q_a_norm, &a[(size_t)b * Na], NQ, d->eps_q);
-            gemm(B, H * CR, NQ, a.data(), Na, ly.w_q, q.data(), Nq, false, threads);
-        }
-        float* qsrc = d->q_rank > 0 ? q.data() : a.data();  // per head [latent query (C) | rope query (R)]
-        const int ldq = d->q_rank > 0 ? Nq : Na;
-        for (int b = 0; b < B; b++) {
-            const float *cb = &cos[(size_t)b * (R / 2)], *sb = &sin[(size_t)b * (R / 2)];
-            float* qb = qsrc + (size_t)b * ldq;
-            for (int hh = 0; hh < H; hh++) rope(qb + hh * CR + C, cb, sb, qb + hh * CR + C, R);
-            float* slot = kv + (rows ? rows[b] : b) * row_stride + pos[b] * CR;
-            const float* lat = &a[(size_t)b * Na + NQ];
-            rmsnorm(lat, ly.kv_norm, slot, C, d->eps_kv);
-            rope(lat + C, cb, sb, slot + C, R);
-        }
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && B > 1)
-        for (int b = 0; b < B; b++) {
-            const float* qb = qsrc + (size_t)b * ldq;
-            const float* keys = kv + (rows ? rows[b] : b) * row_stride;
-            const int n = (int)pos[b] + 1;
-            std::vector<float> sc((size_t)H * n);
-            for (int s = 0; s < n; s++) {
-                const float* k = keys + (int64_t)s * CR;
-                for (int hh = 0; hh < H; hh++) {
-                    const float* qh = qb + hh * CR;
-                    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-                    for (int i = 0; i < CR; i++) acc += qh[i] * k[i];
-                    sc[(size_t)hh * n + s] = acc;
-                }
-            }
-            float* ob = &o[(size_t)b * HCp];
-            for (int hh = 0; hh < H; hh++) {
-                float* p = &sc[(size_t)hh * n];
-                float mx = -INFINITY;
-                for (int s = 0; s < n; s++) mx = p[s] > mx ? p[s] : mx;
-                const float inv = 1.f / exp_sum(p, n, 1.0f, mx);
-                float* oh = ob + hh * C;
-                for (int i = 0; i < C; i++) oh[i] = 0.f;
-                for (int s = 0; s < n; s++) {
-                    const float w = p[s] * inv;
-                    const float* k = keys + (int64_t)s * CR;
-#pragma omp simd
-                    for (int i = 0; i < C; i++) oh[i] += w * k[i];
-                }
-            }
-        }
-        gemm(B, D, HC, o.data(), HCp, ly.w_o, x.data(), Dp, true, threads);  // residual add in place
-
-        // ---- feed-forward: dense SwiGLU, or DeepSeekMoE (DeepSeek-V3 §2.1.2) ------------------------------
-        for (int b = 0; b < B; b++) rmsnorm(&x[(size_t)b * Dp], ly.post_norm, &xn[(size_t)b * Dp], D, d->eps);
-        if (ly.I > 0) {  // the dense MLP, or the MoE's shared expert
-            const int I = ly.I, ldh = pad16(2 * I);
-            gemm(B, 2 * I, D, xn.data(), Dp, ly.gu, h.data(), ldh, false, threads);
-            for (int b = 0; b < B; b++) {
-                float* hb = &h[(size_t)b * ldh];
-                swiglu(hb, I, 1.0f);
-            }
-            gemm(B, D, I, h.data(), ldh, ly.down, x.data(), Dp, true, threads);
-        }
-        if (ly.ffn_kind == 1) {
-            const int K = d->top_k, Ep = pad16(E);
-            gemm(B, E, D, xn.data(), Dp, ly.router, rs.data(), Ep, false, threads);
-            for (int b = 0; b < B; b++) {
-                float* sc = &rs[(size_t)b * Ep];
-                float choice[1024];
-                bool allowed[1024], taken[1024];
-                for (int e = 0; e < E; e++) {
-                    sc[e] = 1.f / (1.f + std::exp(-sc[e]));
-                    choice[e] = rank_key(sc[e] + ly.bias[e]);
-                    allowed[e] = true;
-                    taken[e] = false;
-                }
-                if (d->n_group > 1 && d->topk_group < d->n_group) {  // group-limited routing
-                    const int G = d->n_group, per = E / G;
-                    float gs[256];
-                    for (int g = 0; g < G; g++) {
-                        float m1 = -INFINITY, m2 = -INFINITY;
-                        int i1 = -1;
-                        for (int e = g * per; e < (g + 1) * per; e++)
-                            if (i1 < 0 || choice[e] > m1) { m1 = choice[e]; i1 = e; }
-                        for (int e = g * per; e < (g + 1) * per; e++)
-                            if (e != i1 && choice[e] > m2) m2 = choice[e];
-                        gs[g] = rank_key(m1 + m2);
-                    }
-                    bool keep[256] = {false};
-                    for (int t = 0; t < d->topk_group; t++) {
-                        int best = -1;
-                        for (int g = 0; g < G; g++)
-                            if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
-                        keep[best] = true;
-                    }
-                    for (int g = 0; g < G; g++)
-                        for (int e = g * per; e < (g + 1) * per; e++) allowed[e] = keep[g];
-                }
-                // Exactly K distinct experts whatever the scores: allowed before not, then the larger key
-                // (NaN ranks as -inf), then the lower index; the PyTorch Router ranks the same way.
-                float total = 0.f;
-                for (int t = 0; t < K; t++) {
-                    int best = -1;
-                    for (int e = 0; e < E; e++) {
-                        if (taken[e]) continue;
-                        if (best < 0 || (allowed[e] && !allowed[best]) ||
-                            (allowed[e] == allowed[best] && choice[e] > choice[best]))
-                            best = e;
-                    }
-                    taken[best] = true;
-                    eid[(size_t)b * K + t] = best;
-                    ew[(size_t)b * K + t] = sc[best];
-                    total += sc[best];
-                }
-                for (int t = 0; t < K; t++) {
-                    float w = ew[(size_t)b * K + t];
-                    if (d->norm_topk) w = w / (total + 1e-20f);
-                    ew[(size_t)b * K + t] = w * d->scaling;
-                    if (loads) loads[moe_index * E + eid[(size_t)b * K + t]] += 1;
-                }
-            }
-            // Each expert runs once on the tokens routed to it (gathered; a counting sort by expert), the
-            // experts spread over the threads (one parallel region, not two per expert), each writing its
-            // rows of y; then y is added back to the residual in a fixed order.
-            const int ldh = pad16(2 * Ie);
-            std::vector<int> start(E + 1, 0), order((size_t)B * K);
-            for (int i = 0; i < B * K; i++) start[eid[i] + 1]++;
-            for (int e = 0; e < E; e++) start[e + 1] += start[e];
-            std::vector<int> fill(start.begin(), start.end() - 1);
-            for (int i = 0; i < B * K; i++) order[fill[eid[i]]++] = i;
-            std::vector<float> y((size_t)B * K * Dp);
+    // One parallel region for the whole step: the GEMMs share their panels among the threads (gemm_ws), the
+    // per-token work (norms, rotary, attention, routing, SwiGLU, the experts' sums) is split by token, and the
+    // threads meet at a barrier between dependent pieces, where a region per GEMM would fork and join ~30
+    // times a step and leave the per-token work to one thread. Every number is computed as before.
 #pragma omp parallel num_threads(threads) if (threads > 1)
-            {
-                std::vector<float> xt((size_t)B * Dp), ht((size_t)B * ldh);
+    {
+        std::vector<float> sc, xt((size_t)B * Dp), ht((size_t)B * ldhe);
+        std::vector<int> at(K > 0 ? K : 1);
+        // RotaryEmbedding.forward: angle = position · inv_freq in fp32, scaled by YaRN's attention factor.
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) {
+            for (int i = 0; i < R / 2; i++) {
+                const float angle = (float)pos[b] * d->inv_freq[i];
+                cos[(size_t)b * (R / 2) + i] = std::cos(angle) * d->attention_factor;
+                sin[(size_t)b * (R / 2) + i] = std::sin(angle) * d->attention_factor;
+            }
+            std::memcpy(&x[(size_t)b * Dp], x_in ? x_in + (size_t)b * D : embed + tokens[b] * D, sizeof(float) * D);
+        }
+
+        int moe_index = 0;
+        for (int l = 0; l < n_layers; l++) {
+            const Layer& ly = layers[l];
+            float* kv = cache + (layer_offset + l) * layer_stride;
+            // ---- attention (DeepSeek-V2 §2.1, decoding with absorbed up-projections) ---------------------
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) rmsnorm(&x[(size_t)b * Dp], ly.in_norm, &xn[(size_t)b * Dp], D, d->eps);
+            gemm_ws(B, NQ + CR, D, xn.data(), Dp, ly.w_a, a.data(), Na, false);
+            if (d->q_rank > 0) {
+#pragma omp for schedule(static)
+                for (int b = 0; b < B; b++)
+                    rmsnorm(&a[(size_t)b * Na], ly.q_a_norm, &a[(size_t)b * Na], NQ, d->eps_q);
+                gemm_ws(B, H * CR, NQ, a.data(), Na, ly.w_q, q.data(), Nq, false);
+            }
+            // Every token's latent is written before any token attends (the barrier closing this loop).
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) {
+                const float *cb = &cos[(size_t)b * (R / 2)], *sb = &sin[(size_t)b * (R / 2)];
+                float* qb = qsrc + (size_t)b * ldq;
+                for (int hh = 0; hh < H; hh++) rope(qb + hh * CR + C, cb, sb, qb + hh * CR + C, R);
+                float* slot = kv + (rows ? rows[b] : b) * row_stride + pos[b] * CR;
+                const float* lat = &a[(size_t)b * Na + NQ];
+                rmsnorm(lat, ly.kv_norm, slot, C, d->eps_kv);
+                rope(lat + C, cb, sb, slot + C, R);
+            }
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) {
+                const float* qb = qsrc + (size_t)b * ldq;
+                const float* keys = kv + (rows ? rows[b] : b) * row_stride;
+                const int n = (int)pos[b] + 1;
+                if (sc.size() < (size_t)H * n) sc.resize((size_t)H * n);
+                for (int s = 0; s < n; s++) {
+                    const float* k = keys + (int64_t)s * CR;
+                    for (int hh = 0; hh < H; hh++) {
+                        const float* qh = qb + hh * CR;
+                        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                        for (int i = 0; i < CR; i++) acc += qh[i] * k[i];
+                        sc[(size_t)hh * n + s] = acc;
+                    }
+                }
+                float* ob = &o[(size_t)b * HCp];
+                for (int hh = 0; hh < H; hh++) {
+                    float* p = &sc[(size_t)hh * n];
+                    float mx = -INFINITY;
+                    for (int s = 0; s < n; s++) mx = p[s] > mx ? p[s] : mx;
+                    const float inv = 1.f / exp_sum(p, n, 1.0f, mx);
+                    float* oh = ob + hh * C;
+                    for (int i = 0; i < C; i++) oh[i] = 0.f;
+                    for (int s = 0; s < n; s++) {
+                        const float w = p[s] * inv;
+                        const float* k = keys + (int64_t)s * CR;
+#pragma omp simd
+                        for (int i = 0; i < C; i++) oh[i] += w * k[i];
+                    }
+                }
+            }
+            gemm_ws(B, D, HC, o.data(), HCp, ly.w_o, x.data(), Dp, true);  // residual add in place
+
+            // ---- feed-forward: dense SwiGLU, or DeepSeekMoE (DeepSeek-V3 §2.1.2) --------------------------
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) rmsnorm(&x[(size_t)b * Dp], ly.post_norm, &xn[(size_t)b * Dp], D, d->eps);
+            if (ly.I > 0) {  // the dense MLP, or the MoE's shared expert
+                const int I = ly.I, ldh = pad16(2 * I);
+                gemm_ws(B, 2 * I, D, xn.data(), Dp, ly.gu, h.data(), ldh, false);
+#pragma omp for schedule(static)
+                for (int b = 0; b < B; b++) swiglu(&h[(size_t)b * ldh], I, 1.0f);
+                gemm_ws(B, D, I, h.data(), ldh, ly.down, x.data(), Dp, true);
+            }
+            if (ly.ffn_kind == 1) {
+                gemm_ws(B, E, D, xn.data(), Dp, ly.router, rs.data(), Ep, false);
+#pragma omp for schedule(static)
+                for (int b = 0; b < B; b++) {
+                    float* sc_b = &rs[(size_t)b * Ep];
+                    float choice[1024];
+                    bool allowed[1024], taken[1024];
+                    for (int e = 0; e < E; e++) {
+                        sc_b[e] = 1.f / (1.f + std::exp(-sc_b[e]));
+                        choice[e] = rank_key(sc_b[e] + ly.bias[e]);
+                        allowed[e] = true;
+                        taken[e] = false;
+                    }
+                    if (d->n_group > 1 && d->topk_group < d->n_group) {  // group-limited routing
+                        const int G = d->n_group, per = E / G;
+                        float gs[256];
+                        for (int g = 0; g < G; g++) {
+                            float m1 = -INFINITY, m2 = -INFINITY;
+                            int i1 = -1;
+                            for (int e = g * per; e < (g + 1) * per; e++)
+                                if (i1 < 0 || choice[e] > m1) { m1 = choice[e]; i1 = e; }
+                            for (int e = g * per; e < (g + 1) * per; e++)
+                                if (e != i1 && choice[e] > m2) m2 = choice[e];
+                            gs[g] = rank_key(m1 + m2);
+                        }
+                        bool keep[256] = {false};
+                        for (int t = 0; t < d->topk_group; t++) {
+                            int best = -1;
+                            for (int g = 0; g < G; g++)
+                                if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+                            keep[best] = true;
+                        }
+                        for (int g = 0; g < G; g++)
+                            for (int e = g * per; e < (g + 1) * per; e++) allowed[e] = keep[g];
+                    }
+                    // Exactly K distinct experts whatever the scores: allowed before not, then the larger key
+                    // (NaN ranks as -inf), then the lower index; the PyTorch Router ranks the same way.
+                    float total = 0.f;
+                    for (int t = 0; t < K; t++) {
+                        int best = -1;
+                        for (int e = 0; e < E; e++) {
+                            if (taken[e]) continue;
+                            if (best < 0 || (allowed[e] && !allowed[best]) ||
+                                (allowed[e] == allowed[best] && choice[e] > choice[best]))
+                                best = e;
+                        }
+                        taken[best] = true;
+                        eid[(size_t)b * K + t] = best;
+                        ew[(size_t)b * K + t] = sc_b[best];
+                        total += sc_b[best];
+                    }
+                    for (int t = 0; t < K; t++) {
+                        float w = ew[(size_t)b * K + t];
+                        if (d->norm_topk) w = w / (total + 1e-20f);
+                        ew[(size_t)b * K + t] = w * d->scaling;
+                    }
+                }
+                // Each expert runs once on the tokens routed to it (gathered by a counting sort by expert),
+                // the experts dealt out to the threads one at a time, each writing its rows of y.
+#pragma omp single
+                {
+                    std::fill(start.begin(), start.end(), 0);
+                    for (int i = 0; i < B * K; i++) {
+                        start[eid[i] + 1]++;
+                        if (loads) loads[moe_index * E + eid[i]] += 1;
+                    }
+                    for (int e = 0; e < E; e++) start[e + 1] += start[e];
+                    std::vector<int> fill(start.begin(), start.end() - 1);
+                    for (int i = 0; i < B * K; i++) {
+                        where[i] = fill[eid[i]]++;
+                        order[where[i]] = i;
+                    }
+                }
 #pragma omp for schedule(dynamic, 1)
                 for (int e = 0; e < E; e++) {
                     const int m = start[e + 1] - start[e];
@@ -235,22 +251,42 @@ int minir1_decode_step(const Dims* d, const Layer* layers, int n_layers, int lay
                     const int* picked = &order[start[e]];  // (token, slot) pairs i: token i / K
                     for (int j = 0; j < m; j++)
                         std::memcpy(&xt[(size_t)j * Dp], &xn[(size_t)(picked[j] / K) * Dp], sizeof(float) * D);
-                    gemm(m, 2 * Ie, D, xt.data(), Dp, ly.experts_gu + (size_t)e * ldh * D, ht.data(), ldh, false, 1);
-                    for (int j = 0; j < m; j++) swiglu(&ht[(size_t)j * ldh], Ie, ew[picked[j]]);
-                    gemm(m, D, Ie, ht.data(), ldh, ly.experts_down + (size_t)e * Dp * Ie, &y[(size_t)start[e] * Dp],
+                    gemm(m, 2 * Ie, D, xt.data(), Dp, ly.experts_gu + (size_t)e * ldhe * D, ht.data(), ldhe, false, 1);
+                    for (int j = 0; j < m; j++) swiglu(&ht[(size_t)j * ldhe], Ie, ew[picked[j]]);
+                    gemm(m, D, Ie, ht.data(), ldhe, ly.experts_down + (size_t)e * Dp * Ie, &y[(size_t)start[e] * Dp],
                          Dp, false, 1);
                 }
+                // Back into the residual: each token adds its experts' outputs in the sorted order (by expert).
+#pragma omp for schedule(static)
+                for (int b = 0; b < B; b++) {
+                    for (int t = 0; t < K; t++) {  // the token's rows of y, in increasing order
+                        const int i = where[(size_t)b * K + t];
+                        int u = t;
+                        for (; u > 0 && at[u - 1] > i; u--) at[u] = at[u - 1];
+                        at[u] = i;
+                    }
+                    float* xr = &x[(size_t)b * Dp];
+                    for (int t = 0; t < K; t++) {
+                        const float* yr = &y[(size_t)at[t] * Dp];
+                        for (int c = 0; c < D; c++) xr[c] += yr[c];
+                    }
+                }
+                moe_index++;
             }
-            for (int i = 0; i < B * K; i++) {
-                float* xr = &x[(size_t)(order[i] / K) * Dp];
-                const float* yr = &y[(size_t)i * Dp];
-                for (int c = 0; c < D; c++) xr[c] += yr[c];
-            }
-            moe_index++;
         }
+        // The end of the step: hidden states (before the final norm) when asked for, the final RMSNorm and the
+        // output head for the rows in logit_index (null: all B).
+#pragma omp for schedule(static)
+        for (int j = 0; j < M; j++) {
+            const int b = logit_index ? (int)logit_index[j] : j;
+            rmsnorm(&x[(size_t)b * Dp], final_norm, &xn[(size_t)j * Dp], D, d->eps);
+        }
+        if (hidden_out) {
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) std::memcpy(hidden_out + (size_t)b * D, &x[(size_t)b * Dp], sizeof(float) * D);
+        }
+        gemm_ws(M, d->V, D, xn.data(), Dp, lm_head, logits, pad16(d->V), false);
     }
-    output_head(B, D, Dp, d->V, x.data(), xn.data(), final_norm, lm_head, d->eps, hidden_out, logit_index, n_logits,
-                logits, threads);
     return 0;
 }
 
@@ -277,6 +313,52 @@ int minir1_generate(const Dims* d, const Layer* layers, int n_layers, const floa
     };
     return generate_rows(step, B, d->V, pad16(d->V), max_new, pos0, stop, n_stop, temperature, u, n_u, out_tokens,
                          out_logp, lengths, stopped, logits, max_steps);
+}
+
+// MLA's weight absorption (DeepSeek-V2 §2.1.2; fused.py says what it is for), accumulated in float64 and
+// rounded to fp32 once, as the float64 matmuls it replaces (GRPO absorbs after every step: this is one call
+// where those were ~10 PyTorch ops per layer). Inputs are the layer's fp32 weights: w_kv [H, nope + v, C]
+// (kv_b_proj), w_q [H, nope + R, Kq] (q_b_proj, or q_proj when queries are not compressed), w_out [D, H·v]
+// (o_proj). Outputs:
+//   q_abs [H, C + R, Kq]  row (h, c < C): scale · Σ_n W_UK[h, n, c] · w_q[h, n, :];  row (h, C + r): scale · w_q[h, nope + r, :]
+//   w_o   [D, H·C]        w_o[d, h·C + c] = Σ_j w_out[d, h·v + j] · W_UV[h, j, c]
+void minir1_absorb(const float* w_kv, const float* w_q, const float* w_out, int H, int nope, int v, int C, int R,
+                   int Kq, int D, double scale, float* q_abs, float* w_o, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        std::vector<double> acc((size_t)(Kq > C ? Kq : C));
+#pragma omp for schedule(static) nowait
+        for (int hc = 0; hc < H * C; hc++) {
+            const int h = hc / C, c = hc % C;
+            std::fill(acc.begin(), acc.begin() + Kq, 0.0);
+            for (int n = 0; n < nope; n++) {
+                const double u = w_kv[((int64_t)h * (nope + v) + n) * C + c];
+                const float* qr = w_q + ((int64_t)h * (nope + R) + n) * Kq;
+                for (int k = 0; k < Kq; k++) acc[k] += u * qr[k];
+            }
+            float* out = q_abs + ((int64_t)h * (C + R) + c) * Kq;
+            for (int k = 0; k < Kq; k++) out[k] = (float)(acc[k] * scale);
+        }
+#pragma omp for schedule(static) nowait
+        for (int hr = 0; hr < H * R; hr++) {
+            const int h = hr / R, r = hr % R;
+            const float* qr = w_q + ((int64_t)h * (nope + R) + nope + r) * Kq;
+            float* out = q_abs + ((int64_t)h * (C + R) + C + r) * Kq;
+            for (int k = 0; k < Kq; k++) out[k] = (float)((double)qr[k] * scale);
+        }
+#pragma omp for schedule(static)
+        for (int dh = 0; dh < D * H; dh++) {
+            const int d = dh / H, h = dh % H;
+            std::fill(acc.begin(), acc.begin() + C, 0.0);
+            for (int j = 0; j < v; j++) {
+                const double o = w_out[(int64_t)d * H * v + (int64_t)h * v + j];
+                const float* uv = w_kv + ((int64_t)h * (nope + v) + nope + j) * C;
+                for (int c = 0; c < C; c++) acc[c] += o * uv[c];
+            }
+            float* out = w_o + (int64_t)d * H * C + (int64_t)h * C;
+            for (int c = 0; c < C; c++) out[c] = (float)acc[c];
+        }
+    }
 }
 
 // Packs `batch` weights W [N, K] (y = x W^T) into panels [ceil(N/16)][K][16], zero-padded (the layout

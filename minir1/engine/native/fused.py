@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,13 +53,17 @@ class _Layer(ctypes.Structure):
 def pack(weight: Tensor, out: Tensor | None = None) -> Tensor:
     """A linear layer's weight W [..., N, K] (y = x W^T) -> panels [..., ceil(N/16), K, 16], zero-padded;
     leading dimensions (stacked experts) are kept. `out`, if given and of that shape, is reused."""
-    w = weight.detach().float().contiguous()
-    N, K = w.shape[-2:]
-    shape = (*w.shape[:-2], -(-N // 16), K, 16)
-    if out is None or tuple(out.shape) != shape:
+    w = weight.detach()
+    if w.dtype != torch.float32 or not w.is_contiguous():
+        w = w.float().contiguous()
+    *lead, N, K = w.shape
+    shape = (*lead, -(-N // 16), K, 16)
+    if out is None or out.shape != shape:
         out = torch.empty(shape)
-    kernels.load("decode_step").minir1_pack(_P(w.data_ptr()), ctypes.c_int64(w[..., 0, 0].numel()), N, K,
-                                            _P(out.data_ptr()), torch.get_num_threads())
+    batch = math.prod(lead)
+    if batch and N and K:
+        kernels.load("decode_step").minir1_pack(_P(w.data_ptr()), ctypes.c_int64(batch), N, K,
+                                                _P(out.data_ptr()), torch.get_num_threads())
     return out
 
 
@@ -100,6 +105,36 @@ def _addr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def absorb(attn: Any, softmax_scale: float) -> tuple[Tensor, Tensor]:
+    """MLA's absorbed projections of one attention layer (DeepSeek-V2 §2.1.2), for decoding on the latent cache:
+    q·k = (W_UK^T q_nope)·c_KV + q_R·k_R, so W_UK and the softmax scale fold into the query projection
+    (q_abs [H·(C + R), Kq]); o_proj(W_UV · o_latent) = (o_proj ∘ W_UV) · o_latent, one matrix over the heads'
+    latents (w_o [D, H·C]). Accumulated in float64 and rounded once, in one native call
+    (decode_step.cpp: minir1_absorb; `absorb_reference` is the same in PyTorch)."""
+    H, nope, R, v, C = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_rank
+    w_kv = attn.kv_b_proj.weight.detach().float().contiguous()
+    w_q = (attn.q_proj if attn.q_rank is None else attn.q_b_proj).weight.detach().float().contiguous()
+    w_out = attn.o_proj.weight.detach().float().contiguous()
+    Kq, D = w_q.shape[1], w_out.shape[0]
+    q_abs, w_o = torch.empty(H * (C + R), Kq), torch.empty(D, H * C)
+    kernels.load("decode_step").minir1_absorb(
+        _P(w_kv.data_ptr()), _P(w_q.data_ptr()), _P(w_out.data_ptr()), H, nope, v, C, R, Kq, D,
+        ctypes.c_double(softmax_scale), _P(q_abs.data_ptr()), _P(w_o.data_ptr()), torch.get_num_threads())
+    return q_abs, w_o
+
+
+def absorb_reference(attn: Any, softmax_scale: float) -> tuple[Tensor, Tensor]:
+    """`absorb` in PyTorch float64 (the tests' reference)."""
+    H, nope, R, v, C = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_rank
+    w_kv = attn.kv_b_proj.weight.detach().double().view(H, nope + v, C)
+    w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]                              # [H, nope, C], [H, v, C]
+    q_w = (attn.q_proj if attn.q_rank is None else attn.q_b_proj).weight.detach().double().view(H, nope + R, -1)
+    q_abs = torch.cat((torch.bmm(w_uk.transpose(1, 2), q_w[:, :nope]), q_w[:, nope:]), dim=1)
+    q_abs = (q_abs * softmax_scale).reshape(H * (C + R), -1).float()
+    w_o = torch.einsum("dhv,hvc->dhc", attn.o_proj.weight.detach().double().view(-1, H, v), w_uv)
+    return q_abs, w_o.reshape(w_o.shape[0], H * C).float()
+
+
 class PackedWeights:
     """The model's weights in the kernel's layout (see the module docstring), with the pointers the kernel
     reads; `stale()` says whether a weight changed since the last `pack()`."""
@@ -134,18 +169,8 @@ class PackedWeights:
 
     def _pack_block(self, key: str, block: Block, ly: _Layer) -> None:
         cfg = self.model.config
-        H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-        nope, v = cfg.qk_nope_head_dim, cfg.v_head_dim
         attn = block.self_attn
-        w_kv = attn.kv_b_proj.weight.double().view(H, nope + v, C)
-        w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]                              # [H, nope, C], [H, v, C]
-        q_w = (attn.q_proj if attn.q_rank is None else attn.q_b_proj).weight.double().view(H, nope + R, -1)
-        # q·k over the cache = (W_UK^T q_nope)·c_KV + q_R·k_R: fold W_UK and the softmax scale into W_q.
-        q_abs = torch.cat((torch.bmm(w_uk.transpose(1, 2), q_w[:, :nope]), q_w[:, nope:]), dim=1)
-        q_abs = (q_abs * self.model.rotary.softmax_scale).reshape(H * (C + R), -1).float()
-        # o_proj(W_UV · o_latent) = (o_proj ∘ W_UV) · o_latent: one matrix over the heads' latents.
-        w_o = torch.einsum("dhv,hvc->dhc", attn.o_proj.weight.double().view(-1, H, v), w_uv)
-        w_o = w_o.reshape(w_o.shape[0], H * C).float()
+        q_abs, w_o = absorb(attn, self.model.rotary.softmax_scale)
         if attn.q_rank is None:
             ly.w_a = self._packed(f"{key}.w_a", torch.cat((q_abs, attn.kv_a_proj_with_mqa.weight)))
         else:
