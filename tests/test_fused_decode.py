@@ -100,16 +100,18 @@ def mtp_draft(decoder, model, cache, hidden, next_ids, positions):
     return model.mtp_draft(hidden, next_ids, positions, cache)
 
 
-def run_both(model: Transformer, prompts: list[list[int]], new_tokens: list[int], new_pos: list[int]):
+def run_both(model: Transformer, prompts: list[list[int]], new_tokens: list[int], new_pos: list[int],
+             paths: tuple = (False, True), threads: int | None = None):
     """On each path: prefill `prompts`, one decode step, then (with an MTP module) a speculative
     verification of two tokens per row and the MTP draft over them. -> per path: (prefill logits, step
     logits, verification logits and hidden states, MTP logits, cache, router loads of the step)."""
     cfg = model.config
     spec = bool(cfg.num_nextn_predict_layers)
     results = []
-    for fused in (False, True):
+    for fused in paths:
         decoder = FusedDecoder.for_model(model) if fused else None
         if decoder is not None:
+            decoder.threads = threads
             decoder.refresh()
         cache = new_cache(model, len(prompts), 32, extra_layers=int(spec))
         with torch.inference_mode():
@@ -154,6 +156,19 @@ def test_prefill_step_verification_and_mtp_match_the_pytorch_path(name):
     torch.testing.assert_close(got[4], ref[4], **close)   # every cache layer, the MTP's included
     for a, b in zip(got[5], ref[5]):
         assert torch.equal(a.long(), b.long()), "each token goes to the same experts on both paths"
+
+
+@pytest.mark.parametrize("name", ["default", "all_moe_4_groups", "odd_sizes"])
+def test_the_native_step_gives_the_same_bits_on_any_number_of_threads(name):
+    """The step's work is shared among threads (GEMM panels, tokens, experts), never a sum: 1, 2 or 3 threads
+    give the same prefill, step, verification and MTP logits, cache and expert loads, bit for bit."""
+    model = random_model(**{**CONFIGS[name], "num_nextn_predict_layers": 1})
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12] * 12, [40]]
+    runs = [run_both(model, prompts, [1, 2, 3, 4], [7, 2, 12, 1], paths=(True,), threads=t)[0] for t in (1, 2, 3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            for x, y in zip(a if isinstance(a, (tuple, list)) else [a], b if isinstance(b, (tuple, list)) else [b]):
+                assert torch.equal(x, y)
 
 
 def test_engine_uses_the_fused_step_and_repacks_after_an_update():
