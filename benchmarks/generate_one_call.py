@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from grpo_cli_vs_trl import make_checkpoint, make_questions, train_checkpoint  # noqa: E402
+from grpo_cli_vs_trl import trained_checkpoint  # noqa: E402
 
 
 def run(ckpt: Path, questions: Path, repeats: int, batches: int = 12) -> None:
@@ -59,17 +58,8 @@ def main() -> None:
     ap.add_argument("--questions", type=Path)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    if args.ckpt:
-        if not args.questions:
-            ap.error("--ckpt needs --questions (the JSONL file its prompts come from)")
-        run(args.ckpt, args.questions, args.repeats)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        ckpt, questions = Path(d) / "ckpt", Path(d) / "qa.jsonl"
-        make_checkpoint(ckpt)
-        make_questions(questions)
-        train_checkpoint(ckpt, questions, Path(d) / "trained")
-        run(Path(d) / "trained", questions, args.repeats)
+    with trained_checkpoint(ap, args.ckpt, args.questions) as (ckpt, questions):
+        run(ckpt, questions, args.repeats)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ different rewards (how many varies with the CPU: 11-17% on an Intel Xeon, 67-72%
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -29,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -70,6 +72,24 @@ def train_checkpoint(ckpt: Path, questions: Path, out: Path, steps: int = 150) -
                     "--steps", str(steps), "--lr", "3e-3", "--warmup-steps", "10", "--batch-size", "16",
                     "--seq-len", "128", "--out", str(out), "--no-progress"],
                    check=True, capture_output=True, text=True, env=ENV)
+
+
+@contextlib.contextmanager
+def trained_checkpoint(ap: argparse.ArgumentParser, ckpt: Path | None,
+                       questions: Path | None) -> Iterator[tuple[Path, Path]]:
+    """(trained checkpoint, questions): the ones a benchmark was given (--ckpt, --questions), or this
+    benchmark's, made in a temporary directory for the duration."""
+    if ckpt:
+        if not questions:
+            ap.error("--ckpt needs --questions (the JSONL file its prompts come from)")
+        yield ckpt, questions
+        return
+    with tempfile.TemporaryDirectory() as d:
+        made, questions = Path(d) / "ckpt", Path(d) / "qa.jsonl"
+        make_checkpoint(made)
+        make_questions(questions)
+        train_checkpoint(made, questions, Path(d) / "trained")
+        yield Path(d) / "trained", questions
 
 
 def minir1_cli(ckpt: Path, questions: Path, loss: str, out: Path) -> dict:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from grpo_cli_vs_trl import make_checkpoint, make_questions, train_checkpoint  # noqa: E402
+from grpo_cli_vs_trl import trained_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,17 +110,8 @@ def main() -> None:
     ap.add_argument("--questions", type=Path)
     ap.add_argument("--pairs", type=int, default=40)
     args = ap.parse_args()
-    if args.ckpt:
-        if not args.questions:
-            ap.error("--ckpt needs --questions (the JSONL file its prompts come from)")
-        run(args.ckpt, args.questions, args.baseline, args.pairs)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        ckpt, questions = Path(d) / "ckpt", Path(d) / "qa.jsonl"
-        make_checkpoint(ckpt)
-        make_questions(questions)
-        train_checkpoint(ckpt, questions, Path(d) / "trained")
-        run(Path(d) / "trained", questions, args.baseline, args.pairs)
+    with trained_checkpoint(ap, args.ckpt, args.questions) as (ckpt, questions):
+        run(ckpt, questions, args.baseline, args.pairs)
 
 
 if __name__ == "__main__":
