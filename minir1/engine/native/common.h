@@ -244,16 +244,28 @@ inline void rmsnorm(const float* x, const float* w, float* y, int n, float eps) 
 
 // The end of every decode step: hidden_out [B, D] (before the final norm) when given, then the final RMSNorm
 // and the output head for the rows in logit_index (null: all B) into logits [M, pad16(V)]. x and xn are
-// [B, Dp] (xn is scratch).
+// [B, Dp] (xn is scratch). Work shared among the threads of an enclosing parallel region, as gemm_ws.
+template <typename W>
+void output_head_ws(int B, int D, int Dp, int V, const float* x, float* xn, const float* final_norm,
+                    const W* lm_head, float eps, float* hidden_out, const int64_t* logit_index, int n_logits,
+                    float* logits) {
+    if (hidden_out) {
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) std::memcpy(hidden_out + (size_t)b * D, x + (size_t)b * Dp, sizeof(float) * D);
+    }
+    const int M = logit_index ? n_logits : B;
+#pragma omp for schedule(static)
+    for (int j = 0; j < M; j++)
+        rmsnorm(x + (size_t)(logit_index ? logit_index[j] : j) * Dp, final_norm, xn + (size_t)j * Dp, D, eps);
+    gemm_ws(M, V, D, xn, Dp, lm_head, logits, pad16(V), false);
+}
+
+// output_head_ws in a parallel region of its own.
 template <typename W>
 void output_head(int B, int D, int Dp, int V, const float* x, float* xn, const float* final_norm, const W* lm_head,
                  float eps, float* hidden_out, const int64_t* logit_index, int n_logits, float* logits, int threads) {
-    if (hidden_out)
-        for (int b = 0; b < B; b++) std::memcpy(hidden_out + (size_t)b * D, x + (size_t)b * Dp, sizeof(float) * D);
-    const int M = logit_index ? n_logits : B;
-    for (int j = 0; j < M; j++)
-        rmsnorm(x + (size_t)(logit_index ? logit_index[j] : j) * Dp, final_norm, xn + (size_t)j * Dp, D, eps);
-    gemm(M, V, D, xn, Dp, lm_head, logits, pad16(V), false, threads);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    output_head_ws(B, D, Dp, V, x, xn, final_norm, lm_head, eps, hidden_out, logit_index, n_logits, logits);
 }
 
 // minir1.model.apply_rope: interleaved pairs in, [rotated evens | rotated odds] out.

@@ -72,7 +72,7 @@ int minir1_decode_step(const Dims* d, const Layer* layers, int n_layers, int lay
         maxI = layers[l].I > maxI ? layers[l].I : maxI;
         Ie = layers[l].Ie > Ie ? layers[l].Ie : Ie;
     }
-    const int Iw = pad16(2 * (maxI > Ie ? maxI : Ie)), ldhe = pad16(2 * Ie);
+    const int Iw = pad16(2 * maxI), ldhe = pad16(2 * Ie);  // h: the dense MLP or shared expert; ht: the routed experts
     std::vector<float> cos((size_t)B * (R / 2)), sin((size_t)B * (R / 2));
     std::vector<float> x((size_t)B * Dp, 0.f), xn((size_t)B * Dp, 0.f), a((size_t)B * Na), q((size_t)B * Nq),
         o((size_t)B * HCp, 0.f), h((size_t)B * Iw), rs((size_t)B * Ep);
@@ -81,7 +81,6 @@ int minir1_decode_step(const Dims* d, const Layer* layers, int n_layers, int lay
     const int64_t row_stride = S * CR, layer_stride = cache_rows * row_stride;
     float* qsrc = d->q_rank > 0 ? q.data() : a.data();  // per head [latent query (C) | rope query (R)]
     const int ldq = d->q_rank > 0 ? Nq : Na;
-    const int M = logit_index ? n_logits : B;
 
     // One parallel region for the whole step: the GEMMs share their panels among the threads (gemm_ws), the
     // per-token work (norms, rotary, attention, routing, SwiGLU, the experts' sums) is split by token, and the
@@ -274,18 +273,8 @@ int minir1_decode_step(const Dims* d, const Layer* layers, int n_layers, int lay
                 moe_index++;
             }
         }
-        // The end of the step: hidden states (before the final norm) when asked for, the final RMSNorm and the
-        // output head for the rows in logit_index (null: all B).
-#pragma omp for schedule(static)
-        for (int j = 0; j < M; j++) {
-            const int b = logit_index ? (int)logit_index[j] : j;
-            rmsnorm(&x[(size_t)b * Dp], final_norm, &xn[(size_t)j * Dp], D, d->eps);
-        }
-        if (hidden_out) {
-#pragma omp for schedule(static)
-            for (int b = 0; b < B; b++) std::memcpy(hidden_out + (size_t)b * D, &x[(size_t)b * Dp], sizeof(float) * D);
-        }
-        gemm_ws(M, d->V, D, xn.data(), Dp, lm_head, logits, pad16(d->V), false);
+        output_head_ws(B, D, Dp, d->V, x.data(), xn.data(), final_norm, lm_head, d->eps, hidden_out, logit_index,
+                       n_logits, logits);
     }
     return 0;
 }
